@@ -1,0 +1,263 @@
+"""Architecture adapters: where an architecture keeps its layers, heads and MLP neurons.
+
+An adapter never name-sniffs modules: it knows the attribute paths of its architecture. All
+slicing goes through :func:`prunekit.core.slicing.slice_linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from prunekit.core.slicing import head_rows, slice_linear
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shape of one transformer layer: query heads, KV heads, head size, MLP width."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def config_global(config: Any, key: str, default: Any = None) -> Any:
+    """Read a config attribute's global value, also on a heterogeneous (per-layer) config."""
+    getter = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    if getter is not None:
+        return getter(key, default)
+    return getattr(config, key, default)
+
+
+class Adapter:
+    """Base class of architecture adapters. Subclasses set ``name`` and ``model_types`` and the
+    attribute-path methods; the slicing logic is shared."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    #: whether the model is a causal decoder (has a KV cache, generates)
+    causal: ClassVar[bool] = True
+    #: whether the MLP has a gate projection (SwiGLU) or a single input projection
+    gated: ClassVar[bool] = True
+    #: whether the config has an explicit ``head_dim`` so head counts can change in a stock config
+    explicit_head_dim: ClassVar[bool] = True
+    #: config keys for the layer count and the per-layer sizes
+    config_keys: ClassVar[dict[str, str]] = {
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
+        "intermediate": "intermediate_size",
+    }
+
+    # ---- where things live (override per architecture) ---------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of a layer (holds head-count attributes and ``layer_idx``)."""
+        raise NotImplementedError
+
+    def qkv_projections(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def head_output_projection(self, layer: nn.Module) -> nn.Module:
+        """Projection whose *input* features are the concatenated head outputs (o_proj)."""
+        raise NotImplementedError
+
+    def mlp_input_projections(self, layer: nn.Module) -> list[nn.Module]:
+        """Projections whose *output* features are the MLP neurons (gate, up)."""
+        raise NotImplementedError
+
+    def neuron_output_projection(self, layer: nn.Module) -> nn.Module:
+        """Projection whose *input* features are the MLP neurons (down)."""
+        raise NotImplementedError
+
+    def head_dim(self, layer: nn.Module) -> int:
+        return int(self.attention(layer).head_dim)
+
+    # ---- geometry ----------------------------------------------------------------------
+    def layer_shape(self, layer: nn.Module) -> LayerShape:
+        """Read a layer's shape from its modules (not from the config)."""
+        q, k, _ = self.qkv_projections(layer)
+        d = self.head_dim(layer)
+        return LayerShape(
+            n_heads=_out_features(q) // d,
+            n_kv_heads=_out_features(k) // d,
+            head_dim=d,
+            intermediate=_in_features(self.neuron_output_projection(layer)),
+        )
+
+    def shapes(self, model: nn.Module) -> list[LayerShape]:
+        return [self.layer_shape(layer) for layer in self.layers(model)]
+
+    # ---- surgery -----------------------------------------------------------------------
+    def slice_heads(self, layer: nn.Module, keep_q: list[int], keep_kv: list[int]) -> None:
+        """Keep query heads ``keep_q`` and KV heads ``keep_kv`` (already validated for GQA)."""
+        d = self.head_dim(layer)
+        q, k, v = self.qkv_projections(layer)
+        slice_linear(q, head_rows(keep_q, d), "out")
+        for proj in (k, v) if k is not q else ():
+            slice_linear(proj, head_rows(keep_kv, d), "out")
+        slice_linear(self.head_output_projection(layer), head_rows(keep_q, d), "in")
+        self.set_head_counts(self.attention(layer), len(keep_q), len(keep_kv), d)
+
+    def set_head_counts(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
+        """Update the attention module's attributes after slicing heads."""
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = n_heads // n_kv_heads
+        for attr in ("num_heads", "num_attention_heads"):
+            if hasattr(attn, attr):
+                setattr(attn, attr, n_heads)
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = n_kv_heads
+
+    def slice_neurons(self, layer: nn.Module, keep: list[int]) -> None:
+        for proj in self.mlp_input_projections(layer):
+            slice_linear(proj, keep, "out")
+        slice_linear(self.neuron_output_projection(layer), keep, "in")
+
+    def set_layer_index(self, layer: nn.Module, index: int) -> None:
+        attn = self.attention(layer)
+        if hasattr(attn, "layer_idx"):
+            attn.layer_idx = index
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = index
+
+    def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
+        """Cut a freshly built layer down to ``shape`` (used by the per-layer loader)."""
+        current = self.layer_shape(layer)
+        if shape.head_dim != current.head_dim:
+            raise ValueError(f"head_dim {shape.head_dim} != built head_dim {current.head_dim}")
+        if (shape.n_heads, shape.n_kv_heads) != (current.n_heads, current.n_kv_heads):
+            per_group = shape.n_heads // shape.n_kv_heads
+            keep_q = [
+                g * current.group_size + i
+                for g in range(shape.n_kv_heads)
+                for i in range(per_group)
+            ]
+            self.slice_heads(layer, keep_q, list(range(shape.n_kv_heads)))
+        if shape.intermediate != current.intermediate:
+            self.slice_neurons(layer, list(range(shape.intermediate)))
+
+    # ---- config ------------------------------------------------------------------------
+    def stock_expressible(self, shapes: list[LayerShape], config: Any) -> bool:
+        """Whether a stock config (no per-layer overrides) can describe these shapes."""
+        if len(set(shapes)) > 1:
+            return False
+        if not shapes or self.explicit_head_dim:
+            return True
+        # Without an explicit head_dim the architecture derives it as hidden // n_heads.
+        s = shapes[0]
+        return s.n_heads * s.head_dim == config_global(config, "hidden_size")
+
+    def per_layer_overrides(self, shape: LayerShape) -> dict[str, int]:
+        keys = self.config_keys
+        out = {keys["n_heads"]: shape.n_heads, keys["intermediate"]: shape.intermediate}
+        if keys.get("n_kv_heads"):
+            out[keys["n_kv_heads"]] = shape.n_kv_heads
+        return out
+
+    def rewrite_config(self, model: nn.Module, kept_layers: list[int] | None = None) -> None:
+        """Make ``model.config`` describe the modules: layer count, ``layer_types`` and the
+        head / neuron counts (globally when uniform, else as ``per_layer_config``)."""
+        config = model.config
+        shapes = self.shapes(model)
+        config.per_layer_config = None  # clear old overrides before the layer count changes
+        if kept_layers is not None:
+            layer_types = config_global(config, "layer_types")
+            if layer_types is not None:
+                config.layer_types = [layer_types[i] for i in kept_layers]
+        setattr(config, self.config_keys["n_layers"], len(shapes))
+        if self.explicit_head_dim and shapes:
+            config.head_dim = shapes[0].head_dim
+        if self.stock_expressible(shapes, config):
+            if shapes:
+                for key, value in self.per_layer_overrides(shapes[0]).items():
+                    setattr(config, key, value)
+        else:
+            config.per_layer_config = {
+                i: self.per_layer_overrides(shape) for i, shape in enumerate(shapes)
+            }
+
+    def layer_shapes_from_config(self, config: Any) -> list[LayerShape] | None:
+        """Per-layer shapes a heterogeneous config asks for (None when homogeneous)."""
+        if not getattr(config, "is_heterogeneous", False):
+            return None
+        keys = self.config_keys
+        shapes = []
+        for layer_config in config.per_layer_config:
+            n_heads = getattr(layer_config, keys["n_heads"])
+            n_kv = (
+                getattr(layer_config, keys["n_kv_heads"], None) if keys.get("n_kv_heads") else None
+            )
+            shapes.append(
+                LayerShape(
+                    n_heads=n_heads,
+                    n_kv_heads=n_kv or n_heads,
+                    head_dim=self.config_head_dim(config),
+                    intermediate=getattr(layer_config, keys["intermediate"]),
+                )
+            )
+        return shapes
+
+    def config_head_dim(self, config: Any) -> int:
+        head_dim = config_global(config, "head_dim")
+        if head_dim:
+            return int(head_dim)
+        return config_global(config, "hidden_size") // config_global(
+            config, self.config_keys["n_heads"]
+        )
+
+
+class DecoderAdapter(Adapter):
+    """Llama-style decoder: ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and
+    ``.mlp.{gate,up,down}_proj``. Works for ``*ForCausalLM`` and the bare ``*Model``."""
+
+    def _base(self, model: nn.Module) -> nn.Module:
+        return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self._base(model).layers
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        self._base(model).layers = layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def qkv_projections(self, layer):
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj
+
+    def head_output_projection(self, layer):
+        return layer.self_attn.o_proj
+
+    def mlp_input_projections(self, layer):
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
+    def neuron_output_projection(self, layer):
+        return layer.mlp.down_proj
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if hasattr(module, "nf") else module.weight.shape[0]
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if hasattr(module, "nf") else module.weight.shape[1]
+
+
+__all__ = ["Adapter", "DecoderAdapter", "LayerShape", "config_global"]

@@ -1,0 +1,17 @@
+"""Qwen3: Llama layout with per-head q/k RMSNorm (over head_dim, so shared by every head and
+untouched by head slicing) and auto-filled ``layer_types``."""
+
+from __future__ import annotations
+
+from prunekit.adapters.base import DecoderAdapter
+from prunekit.hookspecs import hookimpl
+
+
+class Qwen3Adapter(DecoderAdapter):
+    name = "qwen3"
+    model_types = ("qwen3",)
+
+
+@hookimpl
+def register_adapters(register):
+    register(Qwen3Adapter())

@@ -1,0 +1,1 @@
+"""Core machinery: plans, surgery, save/load."""

@@ -1,0 +1,293 @@
+"""Loading and saving models: stock configs for uniform results, ``per_layer_config`` for
+per-layer results, safetensors only, atomic writes, and a ``prunekit.json`` sidecar."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ModelLoadError, OutputExistsError, UnsafeCheckpointError
+from prunekit.plugins import get_adapter
+from prunekit.versions import versions
+
+SIDECAR = "prunekit.json"
+FORMAT_VERSION = 1
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ---- output directories -----------------------------------------------------------------
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Fail early if ``out_dir`` cannot be written to without losing anything."""
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise OutputExistsError(str(out))
+        if any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(str(out))
+    return out
+
+
+class AtomicDir:
+    """Write into a temporary sibling directory; move it onto ``out_dir`` only on success."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False):
+        self.out = check_output_dir(out_dir, overwrite)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        backup = None
+        if self.out.exists():
+            backup = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
+            self.out.rename(backup)
+        self.tmp.rename(self.out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def global_access(config: Any) -> Iterator[None]:
+    """Let transformers' own validators read global values of a per-layer config (they were
+    written for homogeneous configs; the global values are the pre-pruning ones)."""
+    if not getattr(config, "is_heterogeneous", False):
+        yield
+        return
+    before = config.allow_global_per_layer_attribute_access
+    config.allow_global_per_layer_attribute_access = True
+    log = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the "reading a global value" warning is expected here
+    try:
+        yield
+    finally:
+        config.allow_global_per_layer_attribute_access = before
+        log.setLevel(level)
+
+
+# ---- save --------------------------------------------------------------------------------
+def save_pretrained(
+    model: nn.Module,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save a (pruned) model as safetensors + config + ``prunekit.json``.
+
+    Uniform results get a stock config that plain ``AutoModel*.from_pretrained`` loads;
+    per-layer results carry ``per_layer_config`` and load with :func:`load_pretrained`.
+    Refuses a non-empty ``out_dir`` unless ``overwrite=True``; writes atomically.
+    """
+    adapter = get_adapter(model)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("model has parameters on the meta device; load its weights first")
+    shapes = adapter.shapes(model)
+    with AtomicDir(out_dir, overwrite) as tmp, global_access(model.config):
+        model.save_pretrained(tmp)
+        _strip_config_key(tmp / "config.json", "allow_global_per_layer_attribute_access")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        pickled = [p.name for p in tmp.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if pickled:  # pragma: no cover - transformers 5 writes safetensors only
+            raise RuntimeError(f"refusing to write pickled files {pickled}")
+        sidecar = {
+            "format": FORMAT_VERSION,
+            "layout": "per_layer" if model.config.is_heterogeneous else "uniform",
+            "adapter": adapter.name,
+            "model_type": model.config.model_type,
+            "layer_shapes": [s.to_dict() for s in shapes],
+            "plans": model.__dict__.get("_prunekit_plans", []),
+            "versions": versions(),
+            **(extra or {}),
+        }
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    return Path(out_dir)
+
+
+def _strip_config_key(path: Path, key: str) -> None:
+    data = json.loads(path.read_text())
+    if data.pop(key, None) is not None:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---- load --------------------------------------------------------------------------------
+def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    pickled = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled and not allow_pickle:
+        raise UnsafeCheckpointError(str(path))
+    if not pickled:
+        raise ModelLoadError(f"{path} has no weight files (*.safetensors)")
+    return pickled
+
+
+def _model_class(config: Any, adapter: Any):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM if adapter.causal else transformers.AutoModel
+
+
+def _load_tokenizer(path: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    if not any((path / n).exists() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory (for a GGUF file pass gguf_file=)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a model saved by :func:`save_pretrained` (or any HF directory) → ``(model,
+    tokenizer)``. Per-layer results are rebuilt layer by layer to their saved shapes before
+    the weights are loaded (no random init, no ``ignore_mismatched_sizes``)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    _check_model_dir(path)
+    files = _weight_files(path, allow_pickle)
+    raw = json.loads((path / "config.json").read_text())
+    overrides = raw.pop("per_layer_config", None)
+    if not overrides:
+        config = AutoConfig.from_pretrained(path)
+        adapter = get_adapter(config)
+        model = _model_class(config, adapter).from_pretrained(
+            path, dtype=dtype, use_safetensors=files[0].suffix == ".safetensors"
+        )
+    else:
+        # transformers' config validators read global head counts, which a per-layer config
+        # forbids: build from the global values, then attach the per-layer overrides.
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        adapter = get_adapter(config)
+        model = _load_per_layer(
+            _model_class(config, adapter), config, adapter, overrides, files, dtype
+        )
+    model.eval()
+    return model, _load_tokenizer(path)
+
+
+def _load_per_layer(cls, config, adapter, overrides, files, dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    overrides = {int(k): v for k, v in overrides.items()}
+    config.per_layer_config = overrides
+    shapes = adapter.layer_shapes_from_config(config)
+    config.per_layer_config = None  # build the homogeneous skeleton from the global values
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype) if dtype else cls._from_config(config)
+    for layer, shape in zip(adapter.layers(model), shapes):
+        adapter.reshape_layer(layer, shape)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        else:
+            state.update(load_file(f))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ModelLoadError(
+            f"checkpoint has tensors the model lacks: {result.unexpected_keys[:5]}"
+        )
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ModelLoadError(f"checkpoint lacks tensors for {still_meta[:5]}")
+    config.per_layer_config = overrides
+    return model
+
+
+def clear_quantization_marks(model: nn.Module) -> nn.Module:
+    """After a GGUF load transformers has dequantised the weights but still marks the model as
+    quantized, which blocks saving and pruning; clear those marks."""
+    for attr in ("hf_quantizer",):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_model(
+    path_or_id: str | Path,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    allow_pickle: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a model from a local directory, a GGUF file, or a hub id → ``(model, tokenizer)``.
+
+    ``gguf_file`` is a file name inside ``path_or_id`` (or a path to the ``.gguf`` file itself);
+    the dequantised model is returned in ``dtype`` with transformers' quantization marks cleared.
+    Pickled ``.bin`` checkpoints are refused unless ``allow_pickle=True``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path_or_id)
+    if gguf_file is None and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if gguf_file is not None:
+        gguf = Path(gguf_file) if Path(gguf_file).is_absolute() else path / gguf_file
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        get_adapter(model)  # fail early on an unsupported architecture
+        return clear_quantization_marks(model).eval(), tokenizer
+    if path.exists():
+        return load_pretrained(path, dtype=dtype, allow_pickle=allow_pickle)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path_or_id))
+    except OSError as e:
+        raise ModelLoadError(
+            f"{path_or_id!r} is neither a local directory nor a reachable hub model ({e}). "
+            "Pass a local model directory, or a GGUF file with gguf_file="
+        ) from None
+    adapter = get_adapter(config)
+    cls = _model_class(config, adapter)
+    model = cls.from_pretrained(str(path_or_id), dtype=dtype, use_safetensors=not allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    return model.eval(), tokenizer
