@@ -117,18 +117,19 @@ class Plugins:
         self._collect()
 
     def _collect(self) -> None:
-        for hook_name, registry in zip(HOOKS, (self.adapters, self.scorers, self.quantizers)):
+        registries = (self.adapters, self.scorers, self.quantizers)
+        for hook_name, registry in zip(HOOKS, registries, strict=True):
             hook = getattr(self.pm.hook, hook_name)
             # pluggy calls the last-registered first; register in registration order instead.
             for impl in reversed(hook.get_hookimpls()):
                 plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
                 names = self.provided.setdefault(plugin_name, {}).setdefault(hook_name, [])
 
-                def register(obj: Any, _names=names, _origin=plugin_name) -> None:
+                def register(obj: Any, _names=names, _origin=plugin_name, _reg=registry) -> None:
                     name = getattr(obj, "name", None)
-                    registry.add(name, obj, origin=_origin)
+                    _reg.add(name, obj, origin=_origin)
                     _names.append(name)
-                    if registry is self.adapters:
+                    if _reg is self.adapters:
                         self._add_model_types(obj, _origin)
 
                 if self._trace:

@@ -213,7 +213,7 @@ def _load_per_layer(cls, config, adapter, overrides, files, dtype) -> nn.Module:
     config.per_layer_config = None  # build the homogeneous skeleton from the global values
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype) if dtype else cls._from_config(config)
-    for layer, shape in zip(adapter.layers(model), shapes):
+    for layer, shape in zip(adapter.layers(model), shapes, strict=True):
         adapter.reshape_layer(layer, shape)
     state: dict[str, torch.Tensor] = {}
     for f in files:
