@@ -120,8 +120,8 @@ class Plugins:
         registries = (self.adapters, self.scorers, self.quantizers)
         for hook_name, registry in zip(HOOKS, registries, strict=True):
             hook = getattr(self.pm.hook, hook_name)
-            # pluggy calls the last-registered first; register in registration order instead.
-            for impl in reversed(hook.get_hookimpls()):
+            # get_hookimpls() lists in registration order (built-ins, then entry points).
+            for impl in hook.get_hookimpls():
                 plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
                 names = self.provided.setdefault(plugin_name, {}).setdefault(hook_name, [])
 

@@ -174,6 +174,7 @@ def load_pretrained(
     *,
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a model saved by :func:`save_pretrained` (or any HF directory) → ``(model,
     tokenizer)``. Per-layer results are rebuilt layer by layer to their saved shapes before
@@ -189,12 +190,17 @@ def load_pretrained(
         config = AutoConfig.from_pretrained(path)
         adapter = get_adapter(config)
         model = _model_class(config, adapter).from_pretrained(
-            path, dtype=dtype, use_safetensors=files[0].suffix == ".safetensors"
+            path,
+            dtype=dtype,
+            use_safetensors=files[0].suffix == ".safetensors",
+            attn_implementation=attn_implementation,
         )
     else:
         # transformers' config validators read global head counts, which a per-layer config
         # forbids: build from the global values, then attach the per-layer overrides.
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
         adapter = get_adapter(config)
         model = _load_per_layer(
             _model_class(config, adapter), config, adapter, overrides, files, dtype
@@ -255,6 +261,7 @@ def load_model(
     gguf_file: str | None = None,
     dtype: torch.dtype | None = torch.float32,
     allow_pickle: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a model from a local directory, a GGUF file, or a hub id → ``(model, tokenizer)``.
 
@@ -276,7 +283,9 @@ def load_model(
         get_adapter(model)  # fail early on an unsupported architecture
         return clear_quantization_marks(model).eval(), tokenizer
     if path.exists():
-        return load_pretrained(path, dtype=dtype, allow_pickle=allow_pickle)
+        return load_pretrained(
+            path, dtype=dtype, allow_pickle=allow_pickle, attn_implementation=attn_implementation
+        )
     from transformers import AutoConfig
 
     try:

@@ -1,0 +1,100 @@
+"""Tiny random models, one per built-in adapter, and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PRUNEKIT_SHARED", ROOT.parent / "shared"))
+VOCAB = 128
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=5, intermediate_size=96)
+    if arch == "llama":
+        return tf.LlamaConfig(
+            **common,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=8,
+            tie_word_embeddings=True,
+        )
+    if arch == "mistral":
+        return tf.MistralConfig(
+            **common, num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=4
+        )
+    if arch == "qwen2":
+        return tf.Qwen2Config(
+            **common,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=2,
+            tie_word_embeddings=True,
+        )
+    if arch == "qwen3":
+        return tf.Qwen3Config(
+            **common,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=8,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=2,
+        )
+    if arch == "bert":
+        return tf.BertConfig(**common, num_attention_heads=4)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "eager"):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config._attn_implementation = attn
+    cls = tf.BertModel if arch == "bert" else tf.AutoModelForCausalLM
+    model = cls.from_config(config) if arch != "bert" else cls(config)
+    # Random init leaves norms at 1 and biases at 0; perturb them so slicing mistakes show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run ``code`` in a fresh interpreter (never importing prunekit unless the code does)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "bert")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 13), generator=g)
