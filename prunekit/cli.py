@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from prunekit.errors import PrunekitError
+
+#: Modules that add subcommands: each defines ``add_parser(subparsers)``, which calls
+#: ``set_defaults(func=...)``. Keep their top-level imports light (no torch, no triton).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.set_defaults(func=_cmd_apply)
+
+    for modname in COMMAND_MODULES:
+        importlib.import_module(modname).add_parser(sub)
     return parser
 
 

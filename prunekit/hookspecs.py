@@ -1,4 +1,5 @@
-"""Hook specifications: how adapters, scorers and quantizers plug into prunekit.
+"""Hook specifications: how adapters, scorers, quantizers and recovery methods plug into
+prunekit.
 
 Built-in plugins use exactly these hooks; third-party packages declare a module under the
 ``prunekit`` entry-point group::
@@ -63,4 +64,17 @@ def register_quantizers(register: Callable[[Any], None]) -> None:
         @hookimpl
         def register_quantizers(register):
             register(MyQuantizer())
+    """
+
+
+@hookspec
+def register_recoveries(register: Callable[[Any], None]) -> None:
+    """Register recovery methods (objects with a ``name`` attribute), run after pruning and
+    before quantization.
+
+    Example::
+
+        @hookimpl
+        def register_recoveries(register):
+            register(MyRecovery())
     """

@@ -27,9 +27,17 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "prunekit.adapters.qwen2",
     "prunekit.adapters.qwen3",
     "prunekit.adapters.bert",
+    "prunekit.scorers",
+    "prunekit.quantizers",
+    "prunekit.core.recovery",
 )
 ENTRY_POINT_GROUP = "prunekit"
-HOOKS = ("register_adapters", "register_scorers", "register_quantizers")
+HOOKS = (
+    "register_adapters",
+    "register_scorers",
+    "register_quantizers",
+    "register_recoveries",
+)
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
 T = TypeVar("T")
@@ -88,7 +96,7 @@ class Registry(Generic[T]):
 
 
 class Plugins:
-    """A plugin manager with its three registries, filled once at construction."""
+    """A plugin manager with its four registries, filled once at construction."""
 
     def __init__(self, *, load_entrypoints: bool = True, extra: tuple[Any, ...] = ()):
         self.pm = pluggy.PluginManager("prunekit")
@@ -111,13 +119,14 @@ class Plugins:
         self.adapters: Registry[Any] = Registry("adapter")
         self.scorers: Registry[Any] = Registry("scorer")
         self.quantizers: Registry[Any] = Registry("quantizer")
+        self.recoveries: Registry[Any] = Registry("recovery method")
         self._model_types: dict[str, str] = {}
         #: plugin name -> hook name -> names it registered
         self.provided: dict[str, dict[str, list[str]]] = {}
         self._collect()
 
     def _collect(self) -> None:
-        registries = (self.adapters, self.scorers, self.quantizers)
+        registries = (self.adapters, self.scorers, self.quantizers, self.recoveries)
         for hook_name, registry in zip(HOOKS, registries, strict=True):
             hook = getattr(self.pm.hook, hook_name)
             # get_hookimpls() lists in registration order (built-ins, then entry points).
