@@ -48,6 +48,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, args.overwrite)  # before the (slow) load
     plan = PrunePlan.from_json(args.plan)
+    _validate_plan_early(args, plan)
     model, tokenizer = load_model(
         args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle
     )
@@ -60,6 +61,20 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     print(f"parameters {before / 1e6:.2f}M -> {after / 1e6:.2f}M ({after / before:.1%})")
     print(f"saved {layout} model to {out}")
     return 0
+
+
+def _validate_plan_early(args: argparse.Namespace, plan) -> None:
+    """Check the plan against the model's config before its weights are loaded."""
+    from pathlib import Path
+
+    from prunekit.core.io import read_config
+
+    if args.gguf_file or not Path(args.model).is_dir():
+        return  # GGUF and hub models: validated by apply_plan after loading
+    from prunekit import get_adapter
+
+    config = read_config(args.model)
+    plan.validate(get_adapter(config).config_shapes(config))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -213,6 +213,23 @@ class Adapter:
             )
         return shapes
 
+    def config_shapes(self, config: Any) -> list[LayerShape]:
+        """Per-layer shapes a config describes (uniform or per-layer), without building the
+        model: lets a plan be validated before any weight is loaded."""
+        shapes = self.layer_shapes_from_config(config)
+        if shapes is not None:
+            return shapes
+        keys = self.config_keys
+        n_heads = config_global(config, keys["n_heads"])
+        n_kv = config_global(config, keys["n_kv_heads"]) if keys.get("n_kv_heads") else None
+        shape = LayerShape(
+            n_heads=n_heads,
+            n_kv_heads=n_kv or n_heads,
+            head_dim=self.config_head_dim(config),
+            intermediate=config_global(config, keys["intermediate"]),
+        )
+        return [shape] * config_global(config, keys["n_layers"])
+
     def config_head_dim(self, config: Any) -> int:
         head_dim = config_global(config, "head_dim")
         if head_dim:

@@ -169,6 +169,22 @@ def _check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
 
 
+def read_config(path: str | Path) -> Any:
+    """The config of a model directory, per-layer overrides included, without loading weights
+    (transformers' validators reject a per-layer config read through ``AutoConfig``)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    _check_model_dir(path)
+    raw = json.loads((path / "config.json").read_text())
+    overrides = raw.pop("per_layer_config", None)
+    if not overrides:
+        return AutoConfig.from_pretrained(path)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config.per_layer_config = {int(k): v for k, v in overrides.items()}
+    return config
+
+
 def load_pretrained(
     path: str | Path,
     *,
