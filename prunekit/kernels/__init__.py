@@ -11,9 +11,14 @@ one without padding it back:
   of ``Hkv``.
 - :mod:`prunekit.kernels.bench` - times dense and pruned layer shapes, Triton against torch.
 
-This package needs Triton (``pip install 'prunekit[kernels]'``); ``import prunekit`` does not
-import it. Without a GPU the kernels still run, slowly, under ``TRITON_INTERPRET=1`` (set it
-before this package is imported).
+The kernels need Triton (``pip install 'prunekit[kernels]'``); ``import prunekit`` does not
+import this package. Without Triton the torch references (:mod:`prunekit.kernels.reference`)
+and the CPU benchmark still work.
+
+Without a GPU the kernels still run, slowly, under ``TRITON_INTERPRET=1``. Set it before
+Triton is first imported in the process, not just before this package: Triton decides when a
+``@triton.jit`` function is defined, and ``triton.language``'s own helpers (``tl.cdiv``,
+``tl.max``...) are defined when it is imported.
 """
 
 from __future__ import annotations
@@ -21,23 +26,31 @@ from __future__ import annotations
 try:
     import triton  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError(
-        "prunekit.kernels needs Triton, which is not installed: pip install 'prunekit[kernels]'"
-    ) from exc
+    _TRITON_MISSING: ImportError | None = exc
+else:
+    _TRITON_MISSING = None
 
-# The launcher `attention` shares its name with the submodule `prunekit.kernels.attention`.
-# Importing the submodule here, before binding the function, keeps `prunekit.kernels.attention`
-# the function: later `import prunekit.kernels.attention` statements find the module in
-# sys.modules and no longer overwrite the package attribute.
-from prunekit.kernels import attention as _attention_module  # noqa: E402
-from prunekit.kernels import mlp as _mlp_module  # noqa: E402
+from prunekit.kernels.reference import (  # noqa: E402 - no Triton needed
+    attention_flops,
+    attention_reference,
+    gated_mlp_reference,
+    gelu_mlp_reference,
+    mlp_flops,
+)
 
-attention = _attention_module.attention
-attention_reference = _attention_module.attention_reference
-gated_mlp = _mlp_module.gated_mlp
-gated_mlp_reference = _mlp_module.gated_mlp_reference
-gelu_mlp = _mlp_module.gelu_mlp
-gelu_mlp_reference = _mlp_module.gelu_mlp_reference
+_KERNEL_NAMES = ("attention", "gated_mlp", "gelu_mlp")
+
+if _TRITON_MISSING is None:
+    # The launcher `attention` shares its name with the submodule `prunekit.kernels.attention`.
+    # Importing the submodule here, before binding the function, keeps
+    # `prunekit.kernels.attention` the function: later `import prunekit.kernels.attention`
+    # statements find the module in sys.modules and no longer overwrite the package attribute.
+    from prunekit.kernels import attention as _attention_module
+    from prunekit.kernels import mlp as _mlp_module
+
+    attention = _attention_module.attention
+    gated_mlp = _mlp_module.gated_mlp
+    gelu_mlp = _mlp_module.gelu_mlp
 
 _BENCH_NAMES = (
     "LayerShape",
@@ -50,6 +63,12 @@ _BENCH_NAMES = (
 
 
 def __getattr__(name: str):
+    if name in _KERNEL_NAMES:  # only reached when Triton is missing
+        raise ImportError(
+            f"prunekit.kernels.{name} needs Triton, which is not installed: "
+            "pip install 'prunekit[kernels]' (the torch references and the CPU benchmark "
+            "work without it)"
+        ) from _TRITON_MISSING
     # The benchmark helpers are loaded on first use.
     if name in _BENCH_NAMES:
         from prunekit.kernels import bench
@@ -60,10 +79,12 @@ def __getattr__(name: str):
 
 __all__ = [
     "attention",
+    "attention_flops",
     "attention_reference",
     "gated_mlp",
     "gated_mlp_reference",
     "gelu_mlp",
     "gelu_mlp_reference",
+    "mlp_flops",
     *_BENCH_NAMES,
 ]
