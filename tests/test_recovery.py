@@ -1,0 +1,401 @@
+"""Recovery: each method lowers held-out loss of a pruned tiny model; LoRA merges exactly;
+distillation against an identical teacher is zero; keep-best, budgets, early stopping;
+recovered models save and reload; QLoRA says what it needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import VOCAB, logits, run_python, tiny_model
+
+from prunekit import PrunePlan, apply_plan, get_plugins, load_pretrained, save_pretrained
+from prunekit.core.recovery import (
+    RecoveryConfig,
+    RecoveryResult,
+    RecoveryUnavailableError,
+    distill_kl,
+    has_lora_modules,
+    lm_loss,
+    lr_factor,
+    pack,
+    recover,
+    split_data,
+)
+from prunekit.core.recovery_methods import attach_lora, lora_target_names, merge_lora
+
+# A short repeated token pattern: learnable in a few dozen steps, so "loss went down" means
+# the loop trains, not noise.
+PATTERN = torch.tensor([5, 17, 3, 99, 42, 7, 64, 23, 11, 80, 2, 31])
+TEXT = PATTERN.repeat(200)  # 2400 tokens -> 100 sequences of 24
+assert int(TEXT.max()) < VOCAB
+FAST = dict(seq_len=24, batch_size=4, eval_every=10, eval_samples=8, warmup_steps=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only spin (8x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pruned(arch: str = "llama", plan: PrunePlan | None = None):
+    dense = tiny_model(arch)
+    student = apply_plan(copy.deepcopy(dense), plan or PrunePlan(layers=[1, 3]))
+    return dense, student
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- configuration -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(steps=0), "steps"),
+        (dict(steps=None, minutes=None), "steps"),
+        (dict(minutes=-1.0), "minutes"),
+        (dict(lr=0.0), "lr"),
+        (dict(warmup_steps=1.5), "warmup_steps"),
+        (dict(warmup_steps=0.1, steps=None, minutes=1.0), "warmup_steps"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(grad_accum=0), "grad_accum"),
+        (dict(seq_len=1), "seq_len"),
+        (dict(patience=0), "patience"),
+        (dict(lora_r=0), "lora_r"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(alpha_kl=0.0, alpha_lm=0.0), "alpha_kl"),
+        (dict(distill_base="qlora"), "distill_base"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"RecoveryConfig\.{field}\b"):
+        RecoveryConfig(**kwargs)
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    config = RecoveryConfig(method="distill", steps=None, minutes=2.5, distill_base="full")
+    data = json.loads(json.dumps(config.to_dict()))
+    assert RecoveryConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown recovery option.*learning_rate"):
+        RecoveryConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_warmup_fraction_and_cap():
+    assert RecoveryConfig(steps=200, warmup_steps=0.1).warmup == 20
+    assert RecoveryConfig(steps=10, warmup_steps=20).warmup == 5  # at most half the steps
+    assert RecoveryConfig(steps=None, minutes=1.0, warmup_steps=7).warmup == 7
+
+
+def test_builtin_methods_are_registered_plugins():
+    recoveries = get_plugins().recoveries
+    assert {"lora", "full", "distill", "qlora"} <= set(recoveries.names())
+    for name in ("lora", "full", "distill"):
+        assert recoveries.get(name).available() is True
+    assert recoveries.origin("lora") == "prunekit.core.recovery"
+    with pytest.raises(KeyError, match="valid recovery methods: .*distill.*lora"):
+        recover(tiny_model("llama"), TEXT, RecoveryConfig(method="sgd", steps=1, **FAST))
+
+
+# ---- pieces --------------------------------------------------------------------------------
+def test_lr_schedule_warmup_then_cosine():
+    assert [lr_factor(s, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 0.0) == 1.0
+    assert lr_factor(10, 4, 0.5) == pytest.approx(0.5)
+    assert lr_factor(10, 4, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(10, 0, 0.25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_pack_and_held_out_split_are_disjoint():
+    stream = torch.arange(103)
+    rows = pack(stream, 10)
+    assert rows.shape == (10, 10) and torch.equal(rows.reshape(-1), torch.arange(100))
+    assert pack(rows, 10) is not None and torch.equal(pack(rows, 10), rows)
+    assert torch.equal(pack(rows, 25), torch.arange(100).reshape(4, 25))
+    with pytest.raises(TypeError, match="integer"):
+        pack(torch.rand(4, 10), 10)
+    with pytest.raises(ValueError, match="seq_len"):
+        pack(torch.arange(5), 10)
+    train, held = split_data(stream, None, RecoveryConfig(seq_len=10, eval_samples=2, steps=1))
+    assert held.shape == (2, 10) and train.shape == (8, 10)
+    train_tokens = set(train.reshape(-1).tolist())
+    assert not train_tokens & set(held.reshape(-1).tolist())
+    train, held = split_data(stream, torch.arange(50), RecoveryConfig(seq_len=10, n_samples=3))
+    assert train.shape == (3, 10) and held.shape == (5, 10)
+
+
+def test_lm_loss_matches_transformers_shifted_loss():
+    model, ids = tiny_model("qwen3"), TEXT[:48].reshape(2, 24)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(lm_loss(out.logits, ids), out.loss, atol=1e-6, rtol=0)
+
+
+def test_distill_kl_against_hand_formula():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    temp = 2.0
+    p = torch.softmax(t / temp, -1)
+    expected = (p * (p.log() - torch.log_softmax(s / temp, -1))).sum(-1).mean() * temp**2
+    torch.testing.assert_close(distill_kl(s, t, temp), expected, atol=1e-6, rtol=1e-6)
+    assert distill_kl(s, s, temp).item() == pytest.approx(0.0, abs=1e-7)
+    assert distill_kl(s, t, temp) > 0
+    with pytest.raises(ValueError, match="vocabulary"):
+        distill_kl(s, t[..., :10], temp)
+
+
+# ---- LoRA ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_targets_come_from_the_adapter(arch):
+    model = tiny_model(arch)
+    names = lora_target_names(model)
+    n_layers = model.config.num_hidden_layers
+    assert len(names) == 7 * n_layers  # q, k, v, o, gate, up, down
+    assert not any("lm_head" in n or "embed" in n for n in names)
+
+
+def test_lora_merge_equals_adapter_outputs_and_leaves_no_adapter():
+    _, model = pruned("llama", PrunePlan(layers=[2], heads={0: [0, 1, 2, 3]}, neurons={1: [5]}))
+    shapes_before = {k: v.shape for k, v in model.state_dict().items()}
+    ids = TEXT[:26].reshape(2, 13)
+    base = logits(model, ids)
+    wrapped = attach_lora(model, r=4, alpha=8)
+    assert has_lora_modules(model)
+    torch.manual_seed(3)
+    with torch.no_grad():  # B starts at 0; make the adapters do something
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    with_adapter = logits(wrapped, ids)
+    assert (with_adapter - base).abs().max() > 1e-2  # the adapters change the outputs
+    merged = merge_lora(wrapped)
+    assert merged is model and not has_lora_modules(model)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes_before
+    torch.testing.assert_close(logits(model, ids), with_adapter, atol=1e-5, rtol=0)
+
+
+# ---- each method lowers held-out loss ------------------------------------------------------
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("lora", dict(lr=3e-3)),
+        ("full", dict(lr=1e-3)),
+        ("distill", dict(lr=3e-3, alpha_lm=0.5)),
+        ("distill", dict(lr=1e-3, distill_base="full")),
+    ],
+    ids=["lora", "full", "distill-lora", "distill-full"],
+)
+def test_method_lowers_held_out_loss(method, extra):
+    dense, model = pruned()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    config = RecoveryConfig(method=method, steps=40, **FAST, **extra)
+    result = recover(model, TEXT, config, teacher=dense, progress=False)
+    assert result.steps == 40 and result.stop_reason == "steps"
+    assert result.best_eval_loss < 0.9 * result.initial_eval_loss
+    assert result.improved and result.best_step > 0
+    assert not has_lora_modules(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not model.training
+    # the model really is in the reported best state
+    _, held = split_data(TEXT, None, config)
+    with torch.no_grad():
+        if method == "distill":
+            ref = distill_kl(logits(model, held), logits(dense, held), config.temperature)
+            ref = config.alpha_kl * ref + config.alpha_lm * lm_loss(logits(model, held), held)
+        else:
+            ref = lm_loss(logits(model, held), held)
+    assert ref.item() == pytest.approx(result.best_eval_loss, rel=1e-4)
+
+
+def test_lora_on_per_layer_pruned_qwen3_keeps_shapes():
+    plan = PrunePlan(heads={0: [0, 1, 2, 3], 3: [1, 5]}, neurons={2: list(range(40))})
+    _, model = pruned("qwen3", plan)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    result = recover(model, TEXT, RecoveryConfig(steps=20, lr=3e-3, **FAST), progress=False)
+    assert result.best_eval_loss < result.initial_eval_loss
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+def test_full_recovery_keeps_tied_embeddings_tied():
+    _, model = pruned()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    recover(model, TEXT, RecoveryConfig(method="full", steps=5, lr=1e-3, **FAST), progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ---- distillation --------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["lora", "full"])
+def test_distill_from_identical_teacher_is_zero(base):
+    student = tiny_model("mistral")
+    teacher = copy.deepcopy(student)
+    before = state(student)
+    config = RecoveryConfig(method="distill", distill_base=base, steps=3, **FAST)
+    result = recover(student, TEXT, config, teacher=teacher, progress=False)
+    assert result.initial_eval_loss == pytest.approx(0.0, abs=1e-6)
+    assert result.history[1]["train_loss"] == pytest.approx(0.0, abs=1e-6)  # before 1st update
+    assert result.best_step == 0  # nothing beats zero, so the initial weights are kept
+    for k, v in state(student).items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_distill_needs_a_separate_teacher():
+    dense, model = pruned()
+    config = RecoveryConfig(method="distill", steps=1, **FAST)
+    with pytest.raises(ValueError, match="needs teacher="):
+        recover(model, TEXT, config, progress=False)
+    with pytest.raises(ValueError, match="separate copy"):
+        recover(model, TEXT, config, teacher=model, progress=False)
+
+
+# ---- keep-best, budgets, early stopping ----------------------------------------------------
+def test_diverging_run_restores_initial_weights_and_stops_early():
+    _, model = pruned()
+    # First learn the pattern: a wrecked model predicts ~uniformly (loss ~ ln 128), which
+    # must count as worse, not better, than the starting point.
+    recover(model, TEXT, RecoveryConfig(method="full", steps=30, lr=1e-3, **FAST), progress=False)
+    before = state(model)
+    config = RecoveryConfig(
+        method="full",
+        steps=50,
+        lr=1e3,
+        warmup_steps=0,
+        patience=2,
+        max_grad_norm=None,
+        **{k: v for k, v in FAST.items() if k not in ("eval_every", "warmup_steps")},
+        eval_every=1,
+    )
+    result = recover(model, TEXT, config, progress=False)
+    assert result.initial_eval_loss < 4.0  # learned the pattern: well below ln 128 = 4.85
+    assert result.stop_reason == "early stopping" and result.steps == 2
+    assert result.best_step == 0 and not result.improved
+    assert result.best_eval_loss == result.initial_eval_loss
+    assert all(h["eval_loss"] > result.initial_eval_loss for h in result.history[1:])
+    for k, v in state(model).items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_step_budget_schedule_and_history():
+    _, model = pruned()
+    config = RecoveryConfig(steps=12, lr=1e-3, **{**FAST, "eval_every": 5, "warmup_steps": 4})
+    result = recover(model, TEXT, config, progress=False)
+    assert [h["step"] for h in result.history] == list(range(13))
+    assert [h["step"] for h in result.history if h["eval_loss"] is not None] == [0, 5, 10, 12]
+    lrs = [h["lr"] for h in result.history[1:]]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and all(
+        a >= b for a, b in zip(lrs[4:-1], lrs[5:], strict=True)
+    )
+    assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_time_budget_ends_training():
+    _, model = pruned()
+    config = RecoveryConfig(steps=None, minutes=0.6 / 60, lr=1e-3, **FAST)
+    result = recover(model, TEXT, config, progress=False)
+    assert result.stop_reason == "time"
+    assert 1 <= result.steps and result.history[-1]["eval_loss"] is not None
+    assert result.history[-1]["seconds"] < 0.6 + 5.0  # one step + the final evaluation
+
+
+def test_gradient_accumulation_matches_a_large_batch():
+    runs = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        _, model = pruned()
+        config = RecoveryConfig(
+            method="full",
+            steps=3,
+            lr=1e-3,
+            batch_size=batch_size,
+            grad_accum=accum,
+            seq_len=24,
+            eval_samples=4,
+            warmup_steps=0,
+            eval_every=100,
+            patience=None,
+        )
+        result = recover(model, TEXT[:2400], config, progress=False)
+        runs.append(([h["train_loss"] for h in result.history[1:]], state(model)))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], atol=1e-5, rtol=1e-5)
+
+
+# ---- results, saving, errors ---------------------------------------------------------------
+STOCK = """
+import sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.load(sys.argv[2])).logits
+torch.save(out, sys.argv[3])
+assert "prunekit" not in sys.modules and "peft" not in sys.modules
+"""
+
+
+def test_recovered_model_saves_and_reloads_same_logits(tmp_path):
+    dense, model = pruned(
+        "llama", PrunePlan(layers=[0, 4], heads={i: [4, 5, 6, 7] for i in (1, 2, 3)})
+    )
+    config = RecoveryConfig(method="distill", steps=10, lr=3e-3, **FAST)
+    result = recover(model, TEXT, config, teacher=dense, progress=False)
+    assert result.improved
+    ids = TEXT[:26].reshape(2, 13)
+    expected = logits(model, ids)
+    out = save_pretrained(model, tmp_path / "m", extra={"recovery": result.to_dict()})
+    torch.save(ids, tmp_path / "ids.pt")
+    code = STOCK.replace("sys.argv[1]", repr(str(out))).replace(
+        "sys.argv[2]", repr(str(tmp_path / "ids.pt"))
+    )
+    proc = run_python(code.replace("sys.argv[3]", repr(str(tmp_path / "out.pt"))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-5, rtol=0)
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    assert sidecar["recovery"]["best_step"] == result.best_step
+
+
+def test_per_layer_recovered_model_reloads_with_prunekit(tmp_path):
+    plan = PrunePlan(layers=[1], heads={0: [0, 1, 2, 3]}, neurons={2: list(range(30))})
+    _, model = pruned("qwen2", plan)
+    recover(model, TEXT, RecoveryConfig(method="lora", steps=10, lr=3e-3, **FAST), progress=False)
+    ids = TEXT[:26].reshape(2, 13)
+    expected = logits(model, ids)
+    save_pretrained(model, tmp_path / "m")
+    reloaded, _ = load_pretrained(tmp_path / "m")
+    torch.testing.assert_close(logits(reloaded.eval(), ids), expected, atol=1e-5, rtol=0)
+
+
+def test_result_serialises_and_plots(tmp_path):
+    _, model = pruned()
+    result = recover(model, TEXT, RecoveryConfig(steps=6, lr=1e-3, **FAST), progress=False)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["method"] == "lora" and data["config"]["steps"] == 6
+    assert RecoveryResult(**data).best_eval_loss == result.best_eval_loss
+    png = result.plot(tmp_path / "plots" / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_qlora_says_what_it_needs():
+    method = get_plugins().recoveries.get("qlora")
+    if method.available():  # pragma: no cover - only on a CUDA machine with bitsandbytes
+        pytest.skip("bitsandbytes and CUDA are available here")
+    _, model = pruned()
+    before = state(model)
+    with pytest.raises(RecoveryUnavailableError, match="bitsandbytes.*CUDA.*method='lora'"):
+        recover(model, TEXT, RecoveryConfig(method="qlora", steps=1, **FAST), progress=False)
+    for k, v in state(model).items():  # nothing was touched
+        assert torch.equal(v, before[k])
+
+
+def test_encoders_and_bad_ids_are_rejected():
+    with pytest.raises(ValueError, match="causal language models"):
+        recover(tiny_model("bert"), TEXT, RecoveryConfig(steps=1, **FAST), progress=False)
+    with pytest.raises(TypeError, match="integer"):
+        recover(tiny_model("llama"), TEXT.float(), RecoveryConfig(steps=1, **FAST))
