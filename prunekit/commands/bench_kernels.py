@@ -88,6 +88,8 @@ def _config(model: str, gguf_file: str | None) -> Any:
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if path.exists():
         raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if path.is_absolute() or model.startswith(".") or model.count("/") > 1:
+        raise ModelLoadError(f"model directory {path} does not exist")
     try:
         return AutoConfig.from_pretrained(model)
     except OSError as e:
