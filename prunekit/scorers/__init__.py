@@ -1,4 +1,10 @@
-"""Built-in importance scorers, registered through ``register_scorers`` like any plugin."""
+"""Built-in importance scorers, registered through ``register_scorers`` like any plugin.
+
+Layers: ``block_influence``, ``angular_distance``, ``perplexity_drop``.
+Heads: ``taylor``, ``magnitude``, ``output_norm``.
+Neurons: ``activation_frequency``, ``wanda``, ``neuron_magnitude``, ``neuron_taylor``.
+See :mod:`prunekit.scorers.base` for the protocol a third-party scorer implements.
+"""
 
 from __future__ import annotations
 
@@ -7,4 +13,7 @@ from prunekit.hookspecs import hookimpl
 
 @hookimpl
 def register_scorers(register) -> None:
-    """Built-in scorers are added here as they are implemented."""
+    from prunekit.scorers import heads, layers, neurons
+
+    for scorer in (*layers.SCORERS, *heads.SCORERS, *neurons.SCORERS):
+        register(scorer)
