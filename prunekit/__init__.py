@@ -4,6 +4,8 @@ neurons) with a pluggy plugin system for architectures, scorers and quantizers."
 from prunekit.core.io import load_model, load_pretrained, save_pretrained
 from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
+from prunekit.core.scores import Scores, score
+from prunekit.core.select import Targets, plan_for, select
 from prunekit.core.surgery import apply_plan
 from prunekit.errors import (
     ModelLoadError,
@@ -23,6 +25,8 @@ __all__ = [
     "ModelLoadError",
     "OutputExistsError",
     "PrunePlan",
+    "Scores",
+    "Targets",
     "PrunekitError",
     "PruningPlanError",
     "RegistryError",
@@ -35,5 +39,8 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "masked",
+    "plan_for",
     "save_pretrained",
+    "score",
+    "select",
 ]

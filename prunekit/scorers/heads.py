@@ -86,7 +86,7 @@ class _HeadOutputNorm(Accumulator):
         self.counts[i] += z.shape[0]
 
     def result(self):
-        return stack_or_list([(s / c).float() for s, c in zip(self.sums, self.counts)])
+        return stack_or_list([(s / c).float() for s, c in zip(self.sums, self.counts, strict=True)])
 
 
 class HeadOutputNorm(Scorer):
@@ -156,7 +156,8 @@ class _HeadTaylor(Accumulator):
         self.batches[i] += 1
 
     def result(self):
-        return stack_or_list([(s / b).float() for s, b in zip(self.sums, self.batches)])
+        pairs = zip(self.sums, self.batches, strict=True)
+        return stack_or_list([(s / b).float() for s, b in pairs])
 
 
 def linear_weight_grad(module: torch.nn.Module) -> torch.Tensor:

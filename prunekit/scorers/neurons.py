@@ -62,7 +62,7 @@ class _Frequency(Accumulator):
         self.counts[i] += a.shape[0]
 
     def result(self):
-        return stack_or_list([(s / c).float() for s, c in zip(self.sums, self.counts)])
+        return stack_or_list([(s / c).float() for s, c in zip(self.sums, self.counts, strict=True)])
 
 
 class ActivationFrequency(Scorer):
@@ -133,7 +133,8 @@ class _Wanda(Accumulator):
         self.counts[i] += a.shape[0]
 
     def result(self):
-        rows = [c * (s / n).sqrt().float() for c, s, n in zip(self.colsum, self.sq, self.counts)]
+        triples = zip(self.colsum, self.sq, self.counts, strict=True)
+        rows = [c * (s / n).sqrt().float() for c, s, n in triples]
         return stack_or_list(rows)
 
 
@@ -179,7 +180,8 @@ class _NeuronTaylor(Accumulator):
         self.batches[i] += 1
 
     def result(self):
-        return stack_or_list([(s / b).float() for s, b in zip(self.sums, self.batches)])
+        pairs = zip(self.sums, self.batches, strict=True)
+        return stack_or_list([(s / b).float() for s, b in pairs])
 
 
 class NeuronTaylor(Scorer):
