@@ -30,6 +30,7 @@ layer's ``.grad`` filled in) run through :func:`capture_gradients`.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +266,7 @@ def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, _LayerL
     config = read_config(path)
     adapter = get_adapter(config)
     shapes = adapter.layer_shapes_from_config(config)
-    overrides = config.per_layer_config if shapes is not None else None
+    overrides = json.loads((path / "config.json").read_text()).get("per_layer_config")
     if shapes is not None:
         config.per_layer_config = None
     with init_empty_weights(include_buffers=False):
@@ -273,7 +274,7 @@ def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, _LayerL
     if shapes is not None:
         for layer, shape in zip(adapter.layers(model), shapes, strict=True):
             adapter.reshape_layer(layer, shape)
-        config.per_layer_config = overrides
+        config.per_layer_config = {int(k): v for k, v in overrides.items()}
     model.eval()
     names = {id(m): n for n, m in model.named_modules()}
     base_prefix = names[id(model.base_model)]

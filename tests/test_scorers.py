@@ -1,0 +1,434 @@
+"""Each scorer against a plain reference (hidden states from ``output_hidden_states=True``,
+direct formulas, autograd) and on constructed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ARCHS, DECODERS, VOCAB, tiny_model
+
+import prunekit
+from prunekit import Scores, score
+from prunekit.core.plan import PrunePlan
+
+FORWARD = [
+    "block_influence",
+    "angular_distance",
+    "magnitude",
+    "output_norm",
+    "activation_frequency",
+    "wanda",
+    "neuron_magnitude",
+]
+
+
+@pytest.fixture
+def samples() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (6, 11), generator=torch.Generator().manual_seed(3))
+
+
+def hidden_states(model, samples):
+    base = model.base_model
+    with torch.no_grad():
+        out = base(input_ids=samples, output_hidden_states=True)
+    hs = list(out.hidden_states)
+    adapter = prunekit.get_adapter(model)
+    if adapter.causal:
+        # transformers applies the final norm to the last entry; the last layer's raw output
+        # is what the scorers see: recompute it by running the last layer on hs[-2]
+        hs[-1] = _last_layer_output(model, samples)
+    return hs
+
+
+def _last_layer_output(model, samples):
+    layers = prunekit.get_adapter(model).layers(model)
+    box = {}
+    h = layers[-1].register_forward_hook(lambda m, a, o: box.setdefault("o", o))
+    with torch.no_grad():
+        model.base_model(input_ids=samples)
+    h.remove()
+    o = box["o"]
+    return o[0] if isinstance(o, tuple) else o
+
+
+def cos(a, b):
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_influence_and_angular_match_hidden_state_reference(arch, samples):
+    model = tiny_model(arch)
+    s = score(
+        model,
+        samples,
+        ["block_influence", "angular_distance"],
+        batch_size=4,
+        progress=False,
+        configs={"angular_distance": {"token": "last"}},
+    )
+    hs = hidden_states(model, samples)
+    L = len(hs) - 1
+    bi_ref = torch.stack([1 - cos(hs[i], hs[i + 1]).mean() for i in range(L)])
+    torch.testing.assert_close(s["block_influence"], bi_ref, atol=1e-5, rtol=1e-4)
+    ad = s["angular_distance"]
+    assert ad.shape == (L, L)
+    for n in range(1, L + 1):
+        for start in range(L):
+            if start + n > L:
+                assert math.isnan(ad[n - 1, start])
+                continue
+            c = cos(hs[start][:, -1], hs[start + n][:, -1]).clamp(-1, 1)
+            ref = (torch.arccos(c) / math.pi).mean()
+            torch.testing.assert_close(ad[n - 1, start], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_angular_all_tokens_reference(samples):
+    model = tiny_model("qwen2")
+    s = score(
+        model,
+        samples,
+        ["angular_distance"],
+        batch_size=4,
+        progress=False,
+        configs={"angular_distance": {"token": "all"}},
+    )
+    hs = hidden_states(model, samples)
+    L = len(hs) - 1
+    for n in (1, 2, L):
+        for start in range(L - n + 1):
+            c = cos(hs[start], hs[start + n]).clamp(-1, 1)
+            ref = (torch.arccos(c) / math.pi).mean()
+            torch.testing.assert_close(
+                s["angular_distance"][n - 1, start], ref, atol=1e-5, rtol=1e-4
+            )
+
+
+def test_identity_layer_has_bi_zero_and_is_chosen_first(samples):
+    model = tiny_model("llama")
+    layer = prunekit.get_adapter(model).layers(model)[2]
+    with torch.no_grad():  # zero both residual branches: the layer is an exact identity
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    s = score(model, samples, ["block_influence", "angular_distance"], progress=False)
+    assert s["block_influence"][2].abs() < 1e-6
+    assert s["angular_distance"][0, 2].abs() < 2e-3  # arccos is steep near 1
+    for scorer in ("block_influence", "angular_distance"):
+        plan = prunekit.select(s, prunekit.Targets(layers=1, layer_scorer=scorer))
+        assert plan.layers == [2]
+
+
+def _head_out(model, samples):
+    """Per layer: inputs of o_proj for all tokens (reference capture by plain hooks)."""
+    adapter = prunekit.get_adapter(model)
+    got = {}
+    hs = []
+    for i, layer in enumerate(adapter.layers(model)):
+
+        def hook(m, a, _i=i):
+            got.setdefault(_i, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))
+
+        hs.append(adapter.head_output_projection(layer).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model.base_model(input_ids=samples)
+    for h in hs:
+        h.remove()
+    return {i: torch.cat(v) for i, v in got.items()}
+
+
+def _neuron_in(model, samples):
+    adapter = prunekit.get_adapter(model)
+    got = {}
+    hs = []
+    for i, layer in enumerate(adapter.layers(model)):
+
+        def hook(m, a, _i=i):
+            got.setdefault(_i, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))
+
+        hs.append(adapter.neuron_output_projection(layer).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model.base_model(input_ids=samples)
+    for h in hs:
+        h.remove()
+    return {i: torch.cat(v) for i, v in got.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_head_scorers_match_reference(arch, samples):
+    model = tiny_model(arch)
+    s = score(model, samples, ["magnitude", "output_norm"], batch_size=4, progress=False)
+    adapter = prunekit.get_adapter(model)
+    z = _head_out(model, samples)
+    for i, layer in enumerate(adapter.layers(model)):
+        sh = adapter.layer_shape(layer)
+        d = sh.head_dim
+        wq = adapter.qkv_projections(layer)[0].weight
+        wo = adapter.head_output_projection(layer).weight
+        for h in range(sh.n_heads):
+            rows = slice(h * d, (h + 1) * d)
+            mag = torch.sqrt(wq[rows].pow(2).sum() + wo[:, rows].pow(2).sum())
+            torch.testing.assert_close(s["magnitude"][i, h], mag, atol=1e-5, rtol=1e-5)
+            contrib = z[i][:, rows] @ wo[:, rows].T  # [T, hidden]: head h's residual write
+            ref = contrib.norm(dim=-1).mean()
+            torch.testing.assert_close(s["output_norm"][i, h], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_zeroed_head_scores_zero(samples):
+    model = tiny_model("mistral")
+    adapter = prunekit.get_adapter(model)
+    layer = adapter.layers(model)[1]
+    with torch.no_grad():
+        layer.self_attn.q_proj.weight[8:16].zero_()  # head 1 (head_dim 8)
+        layer.self_attn.o_proj.weight[:, 8:16].zero_()
+    s = score(model, samples, ["magnitude", "output_norm", "taylor"], progress=False)
+    for name in ("magnitude", "output_norm", "taylor"):
+        assert s[name][1, 1] == 0, name
+        assert (s[name][1, [0, 2, 3]] > 0).all(), name
+    groups = s.head_groups("magnitude")
+    assert groups.shape == (5, 2)
+    torch.testing.assert_close(groups, s["magnitude"].reshape(5, 2, 4).sum(-1))
+
+
+@pytest.mark.parametrize("granularity", ["element", "vector"])
+def test_taylor_matches_autograd_reference(granularity, samples):
+    model = tiny_model("qwen3")
+    s = score(
+        model,
+        samples,
+        ["taylor", "neuron_taylor"],
+        batch_size=3,
+        progress=False,
+        configs={
+            "taylor": {"granularity": granularity},
+            "neuron_taylor": {"granularity": granularity},
+        },
+    )
+    adapter = prunekit.get_adapter(model)
+    layers = adapter.layers(model)
+    heads_ref = torch.zeros(5, 8)
+    neur_ref = torch.zeros(5, 96)
+    for b in (slice(0, 3), slice(3, 6)):
+        model.zero_grad()
+        ids = samples[b]
+        model(input_ids=ids, labels=ids).loss.backward()
+        for i, layer in enumerate(layers):
+            q, o = layer.self_attn.q_proj.weight, layer.self_attn.o_proj.weight
+            pq = (q * q.grad).reshape(8, 8, -1)
+            po = (o * o.grad).reshape(o.shape[0], 8, 8).permute(1, 2, 0)
+            up = [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
+            dn = layer.mlp.down_proj.weight
+            if granularity == "element":
+                heads_ref[i] += pq.abs().sum((1, 2)) + po.abs().sum((1, 2))
+                neur_ref[i] += sum((w * w.grad).abs().sum(1) for w in up)
+                neur_ref[i] += (dn * dn.grad).abs().sum(0)
+            else:
+                heads_ref[i] += (pq.sum((1, 2)) + po.sum((1, 2))).abs()
+                v = sum((w * w.grad).sum(1) for w in up) + (dn * dn.grad).sum(0)
+                neur_ref[i] += v.abs()
+    model.zero_grad()
+    torch.testing.assert_close(s["taylor"], heads_ref / 2, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(s["neuron_taylor"], neur_ref / 2, atol=1e-6, rtol=1e-4)
+    # the model is left as it was: no gradients, requires_grad restored
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_neuron_scorers_match_reference(arch, samples):
+    model = tiny_model(arch)
+    cfg = {"activation_frequency": {"threshold": 0.5, "relative": True}}
+    s = score(
+        model,
+        samples,
+        ["activation_frequency", "wanda", "neuron_magnitude"],
+        batch_size=4,
+        progress=False,
+        configs=cfg,
+    )
+    adapter = prunekit.get_adapter(model)
+    a = _neuron_in(model, samples)
+    for i, layer in enumerate(adapter.layers(model)):
+        x = a[i]
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        freq = (x.abs() > 0.5 * rms).float().mean(0)
+        torch.testing.assert_close(s["activation_frequency"][i], freq, atol=1e-6, rtol=0)
+        wd = adapter.neuron_output_projection(layer).weight
+        wanda = wd.abs().sum(0) * x.pow(2).mean(0).sqrt()
+        torch.testing.assert_close(s["wanda"][i], wanda, atol=1e-5, rtol=1e-4)
+        ins = [p.weight for p in adapter.mlp_input_projections(layer)]
+        mag = torch.sqrt(sum(w.pow(2).sum(1) for w in ins) + wd.pow(2).sum(0))
+        torch.testing.assert_close(s["neuron_magnitude"][i], mag, atol=1e-5, rtol=1e-5)
+
+
+def test_dead_neuron_has_frequency_zero(samples):
+    model = tiny_model("llama")
+    mlp = prunekit.get_adapter(model).layers(model)[3].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[5].zero_()  # act(gate) * 0 = 0 at every token
+    s = score(
+        model,
+        samples,
+        ["activation_frequency", "wanda"],
+        progress=False,
+        configs={"activation_frequency": {"threshold": 0.0, "relative": False}},
+    )
+    assert s["activation_frequency"][3, 5] == 0
+    assert s["wanda"][3, 5] == 0
+    assert (s["activation_frequency"][3, :5] == 1).all()  # SwiGLU is never exactly 0 otherwise
+    plan = prunekit.select(s, prunekit.Targets(neurons=1, mode="per_layer", round_to=1))
+    assert plan.neurons == {3: [5]}
+
+
+def test_perplexity_drop_reference(samples):
+    model = tiny_model("llama")
+    s = score(model, samples, ["perplexity_drop"], batch_size=4, progress=False)
+
+    def loss():
+        with torch.no_grad():
+            return float(model(input_ids=samples, labels=samples).loss)
+
+    base = loss()
+    for i in (0, 3):
+        with prunekit.masked(model, PrunePlan(layers=[i])):
+            ref = loss() - base
+        assert abs(float(s["perplexity_drop"][i]) - ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequential_from_disk_equals_normal(arch, samples, tmp_path):
+    model = tiny_model(arch)
+    names = FORWARD
+    normal = score(model, samples, names, batch_size=4, progress=False)
+    prunekit.save_pretrained(model, tmp_path / "m", None)
+    seq = score(tmp_path / "m", samples, names, batch_size=4, sequential=True, progress=False)
+    seq_mem = score(model, samples, names, batch_size=5, sequential=True, progress=False)
+    for name in names:
+        for other in (seq, seq_mem):
+            torch.testing.assert_close(
+                other[name],
+                normal[name],
+                atol=2e-5,
+                rtol=1e-4,
+                equal_nan=True,
+                msg=f"{arch} {name}",
+            )
+
+
+def test_sequential_on_per_layer_pruned_model(samples, tmp_path):
+    model = tiny_model("llama")
+    prunekit.apply_plan(model, PrunePlan(heads={1: [0, 1, 2, 3]}, neurons={2: list(range(10))}))
+    normal = score(model, samples, ["output_norm", "wanda"], progress=False)
+    assert isinstance(normal["wanda"], list) and normal["wanda"][2].shape == (86,)
+    prunekit.save_pretrained(model, tmp_path / "m", None)
+    seq = score(
+        str(tmp_path / "m"), samples, ["output_norm", "wanda"], sequential=True, progress=False
+    )
+    for name in ("output_norm", "wanda"):
+        for a, b in zip(seq[name], normal[name], strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    groups = normal.head_groups("output_norm")
+    assert isinstance(groups, list) and groups[1].shape == (1,)
+
+
+def test_sequential_refuses_whole_model_scorers(samples, tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="sequential"):
+        score(model, samples, ["taylor"], sequential=True, progress=False)
+    with pytest.raises(ValueError, match="token='last'"):
+        score(
+            model,
+            samples,
+            ["angular_distance"],
+            sequential=True,
+            progress=False,
+            configs={"angular_distance": {"token": "all"}},
+        )
+    with pytest.raises(ValueError, match="sequential"):
+        score(tmp_path, samples, ["wanda"], progress=False)
+
+
+def test_errors_name_the_fix(samples):
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="encoder"):
+        score(model, samples, ["taylor"], progress=False)
+    with pytest.raises(KeyError, match="valid scorers"):
+        score(model, samples, ["nope"], progress=False)
+    with pytest.raises(ValueError, match="token"):
+        score(model, samples, ["angular_distance"], configs={"angular_distance": {"token": "x"}})
+    with pytest.raises(ValueError, match="token ids"):
+        score(model, samples.float(), ["wanda"])
+    with pytest.raises(ValueError, match="not requested"):
+        score(model, samples, ["wanda"], configs={"taylor": {}})
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_scores_json_roundtrip(arch, samples, tmp_path):
+    model = tiny_model(arch)
+    s = score(
+        model,
+        samples,
+        ["block_influence", "angular_distance", "magnitude", "wanda"],
+        progress=False,
+    )
+    s.to_json(tmp_path / "s.json")
+    back = Scores.from_json(tmp_path / "s.json")
+    assert back.names() == s.names() and back.shapes == s.shapes
+    for n in s:
+        assert back.unit(n) == s.unit(n)
+        torch.testing.assert_close(back[n], s[n], equal_nan=True)
+    assert back.meta["n_samples"] == 6
+
+
+def test_third_party_scorer_usable_by_name(samples, monkeypatch):
+    from dataclasses import dataclass
+
+    import prunekit.plugins as plugins_mod
+    from prunekit.core.capture import Accumulator
+    from prunekit.hookspecs import hookimpl
+    from prunekit.plugins import Plugins
+    from prunekit.scorers.base import Scorer
+
+    @dataclass
+    class Cfg:
+        scale: float = 1.0
+
+    class Acc(Accumulator):
+        taps = frozenset({"layer_io"})
+
+        def __init__(self, n, scale):
+            self.v = torch.zeros(n)
+            self.scale = scale
+
+        def on_layer_io(self, i, x_in, x_out, rows):
+            self.v[i] += self.scale * (x_out - x_in).norm()
+
+        def result(self):
+            return self.v
+
+    class DeltaNorm(Scorer):
+        name = "delta_norm"
+        unit = "layers"
+        config_class = Cfg
+
+        def accumulator(self, ctx, config):
+            return Acc(ctx.n_layers, config.scale)
+
+    class Plugin:
+        @hookimpl
+        def register_scorers(self, register):
+            register(DeltaNorm())
+
+    pm = Plugins(load_entrypoints=False, extra=(Plugin(),))
+    monkeypatch.setattr(plugins_mod, "get_plugins", lambda: pm)
+    assert "delta_norm" in plugins_mod.get_plugins().scorers
+    model = tiny_model("llama")
+    s = score(
+        model,
+        samples,
+        ["delta_norm", "block_influence"],
+        progress=False,
+        configs={"delta_norm": {"scale": 2.0}},
+    )
+    assert s["delta_norm"].shape == (5,) and (s["delta_norm"] > 0).all()
+    plan = prunekit.select(s, prunekit.Targets(layers=1, layer_scorer="delta_norm"))
+    assert plan.layers == [1 + int(s["delta_norm"][1:4].argmin())]
