@@ -4,6 +4,7 @@ neurons) with a pluggy plugin system for architectures, scorers and quantizers."
 from prunekit.core.io import load_model, load_pretrained, save_pretrained
 from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
+from prunekit.core.recovery import RecoveryConfig, RecoveryResult, recover
 from prunekit.core.scores import Scores, score
 from prunekit.core.select import Targets, plan_for, select
 from prunekit.core.surgery import apply_plan
@@ -25,6 +26,8 @@ __all__ = [
     "ModelLoadError",
     "OutputExistsError",
     "PrunePlan",
+    "RecoveryConfig",
+    "RecoveryResult",
     "Scores",
     "Targets",
     "PrunekitError",
@@ -40,6 +43,7 @@ __all__ = [
     "load_pretrained",
     "masked",
     "plan_for",
+    "recover",
     "save_pretrained",
     "score",
     "select",
