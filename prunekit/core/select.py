@@ -398,7 +398,8 @@ def select(scores: Scores, targets: Targets, *, layers: list[int] | None = None)
         neurons=select_neurons(scores, targets, layers) if targets.neurons else {},
         meta={"targets": targets.to_dict(), "scorers": targets.scorer_names()},
     )
-    plan.validate(scores.shapes)
+    if not plan.is_empty():
+        plan.validate(scores.shapes)
     return plan
 
 
