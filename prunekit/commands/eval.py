@@ -1,0 +1,141 @@
+"""``prunekit eval``: perplexity (or embedding similarity), latency, memory, size and FLOPs of
+one model, printed as a small table and optionally written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity, latency, memory, parameters and FLOPs of a model",
+        description=__doc__,
+    )
+    p.add_argument("model", help="model directory (uniform or per-layer), hub id, or .gguf file")
+    p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted only)"
+    )
+    p.add_argument(
+        "--text",
+        help="held-out text file (e.g. WikiText-2 test); decoders: perplexity, "
+        "encoders: embedding similarity to --dense",
+    )
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of --text")
+    p.add_argument("--max-chars", type=int, help="read only the first N characters of --text")
+    p.add_argument("--context-len", type=int, default=2048, help="perplexity window (tokens)")
+    p.add_argument("--dense", help="dense model directory to compare an encoder's embeddings with")
+    p.add_argument(
+        "--latency",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure prefill/decode throughput and peak memory (default: on)",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="latency: sequences per batch")
+    p.add_argument("--prompt-len", type=int, default=128, help="latency: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=32, help="latency: decoded tokens")
+    p.add_argument("--repeats", type=int, default=5, help="latency: timed runs (median)")
+    p.add_argument("--json", dest="json_out", help="also write the full result to this file")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("max_tokens", "max_chars", "context_len", "batch_size", "prompt_len", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.text is not None and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text {args.text} is not a file; pass a text file")
+    if args.json_out is not None and not Path(args.json_out).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {args.json_out}: its folder does not exist")
+
+    from prunekit.core.evaluate import evaluate
+    from prunekit.core.io import load_model
+
+    model, tokenizer = load_model(
+        args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle
+    )
+    dense = None
+    if args.dense is not None:
+        dense, _ = load_model(args.dense, allow_pickle=args.allow_pickle)
+    if args.text is not None and tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer with it")
+    result = evaluate(
+        model,
+        tokenizer,
+        text=args.text,
+        dense_model=dense,
+        context_len=args.context_len,
+        max_tokens=args.max_tokens,
+        max_chars=args.max_chars,
+        latency_kwargs={
+            "batch_size": args.batch_size,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+        },
+        measure_latency=args.latency,
+        progress=not args.no_progress,
+    )
+    result["model"] = str(args.model)
+    print(format_table(result))
+    if args.json_out is not None:
+        Path(args.json_out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A two-column text table of an :func:`prunekit.core.evaluate.evaluate` result."""
+    rows: list[tuple[str, str]] = [
+        (
+            "model",
+            f"{result.get('model', '')} ({result['model_type']}, {result['n_layers']} layers)",
+        ),
+        ("parameters", f"{result['params'] / 1e6:.2f}M"),
+        (
+            f"GFLOPs/token @{result['flops_seq_len']}",
+            f"{result['flops_per_token'] / 1e9:.4f}",
+        ),
+    ]
+    ppl = result.get("perplexity")
+    if ppl:
+        rows.append(
+            (
+                "perplexity",
+                f"{ppl['perplexity']:.2f} ({ppl['tokens']:,} tokens, {ppl['windows']} windows "
+                f"of {ppl['context_len']}, {ppl['text']})",
+            )
+        )
+    sim = result.get("embedding_similarity")
+    if sim:
+        rows.append(
+            ("embedding cosine", f"{sim['cosine']:.4f} ({sim['sentences']} sentences vs dense)")
+        )
+    lat = result.get("latency")
+    if lat:
+        shape = f"batch {lat['batch_size']} x {lat['prompt_len']}"
+        rows.append(("prefill tokens/s", f"{lat['prefill_tokens_per_s']:.1f} ({shape})"))
+        if lat.get("decode_tokens_per_s") is not None:
+            rows.append(
+                (
+                    "decode tokens/s",
+                    f"{lat['decode_tokens_per_s']:.1f} ({lat['new_tokens']} new tokens)",
+                )
+            )
+        if "peak_memory_mb" in lat:
+            rows.append(
+                (
+                    "memory MB",
+                    f"weights {lat['weights_memory_mb']:.1f}, peak run "
+                    f"+{lat['peak_memory_mb']:.1f} ({lat['memory_method']})",
+                )
+            )
+        rows.append(("device", f"{lat['device']} {lat['dtype']}, {lat['threads']} threads"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
