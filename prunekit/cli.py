@@ -11,7 +11,12 @@ from prunekit.errors import PrunekitError
 
 #: Modules that add subcommands: each defines ``add_parser(subparsers)``, which calls
 #: ``set_defaults(func=...)``. Keep their top-level imports light (no torch, no triton).
-COMMAND_MODULES: tuple[str, ...] = ("prunekit.commands.bench_kernels", "prunekit.commands.score")
+COMMAND_MODULES: tuple[str, ...] = (
+    "prunekit.commands.compress",
+    "prunekit.commands.bench_kernels",
+    "prunekit.commands.eval",
+    "prunekit.commands.score",
+)
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

@@ -98,3 +98,39 @@ DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 def ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (2, 13), generator=g)
+
+
+_TOKENIZER = None
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with VOCAB tokens, trained offline on a slice of Brown, so
+    tiny models can read real text (calibration, perplexity) in end-to-end tests."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        text = (SHARED / "data" / "brown" / "brown.txt").read_text(encoding="utf-8")[:200_000]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<s>"], show_progress=False
+        )
+        tok.train_from_iterator(text.splitlines(), trainer)
+        _TOKENIZER = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="<pad>",
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="<s>",
+        )
+    return _TOKENIZER
+
+
+def save_tiny(arch: str, path: Path, seed: int = 0) -> Path:
+    """A tiny random model of ``arch`` with :func:`tiny_tokenizer`, saved as a model dir."""
+    from prunekit import save_pretrained
+
+    return save_pretrained(tiny_model(arch, seed=seed), path, tiny_tokenizer())

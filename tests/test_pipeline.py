@@ -1,0 +1,206 @@
+"""End to end: `prunekit compress` on tiny models through the CLI (subprocess), recipes,
+per-layer mode, iterative mode, the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ARCHS, SHARED, run_python, save_tiny, tiny_model, tiny_tokenizer
+
+from prunekit import load_pretrained
+from prunekit.core.pipeline import compress
+from prunekit.core.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    brown = (SHARED / "data" / "brown" / "brown.txt").read_text(encoding="utf-8")
+    wiki = (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    (d / "calib.txt").write_text(brown[:40_000], encoding="utf-8")
+    (d / "eval.txt").write_text(wiki[:4_000], encoding="utf-8")
+    return d
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prunekit", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def small_run_flags(texts) -> list[str]:
+    return [
+        "--calib",
+        texts / "calib.txt",
+        "--calib-samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--eval-text",
+        texts / "eval.txt",
+        "--eval-max-chars",
+        "3000",
+    ]
+
+
+def probe(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "probe" / "probe.safetensors")
+
+
+STOCK_PROBE = """
+import sys, torch, transformers
+from safetensors.torch import load_file
+path = {path!r}
+probe = load_file(path + "/probe/probe.safetensors")
+cls = transformers.AutoModel if {encoder!r} else transformers.AutoModelForCausalLM
+model = cls.from_pretrained(path).eval()
+with torch.no_grad():
+    out = model(input_ids=probe["input_ids"])
+out = out.last_hidden_state if {encoder!r} else out.logits
+torch.testing.assert_close(out, probe["output"], atol=1e-5, rtol=0)
+assert "prunekit" not in sys.modules
+print("OK", model.config.num_hidden_layers)
+"""
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compress_uniform_cli_loads_in_stock_transformers(arch, texts, tmp_path):
+    src = save_tiny(arch, tmp_path / "dense")
+    heads = [] if arch == "bert" else ["--heads", "0.5"]  # BERT has no head_dim: per-layer
+    res = cli(
+        "compress",
+        src,
+        "-o",
+        tmp_path / "out",
+        "--layers",
+        "1",
+        *heads,
+        "--neurons",
+        "0.25",
+        "--mode",
+        "uniform",
+        *small_run_flags(texts),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| perplexity |" in res.stdout or "| embedding cosine |" in res.stdout
+    assert "uniform: loads with stock transformers" in res.stdout
+    out = tmp_path / "out"
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    assert sidecar["layout"] == "uniform"
+    assert {"dense", "pruned"} <= set(sidecar["metrics"])
+    assert sidecar["recipe"]["targets"]["neurons"] == 0.25
+    shapes = sidecar["layer_shapes"]
+    assert len(shapes) == 4
+    assert len({(s["n_heads"], s["intermediate"]) for s in shapes}) == 1
+    if arch != "bert":
+        assert shapes[0]["n_heads"] == 4 and shapes[0]["n_kv_heads"] == 1
+    assert (out / "report.md").is_file()
+    assert (out / "plots" / "before_after.png").is_file()
+    check = run_python(STOCK_PROBE.format(path=str(out), encoder=arch == "bert"))
+    assert check.returncode == 0 and "OK 4" in check.stdout, check.stderr[-3000:]
+
+
+def test_compress_recipe_file_per_layer(texts, tmp_path):
+    src = save_tiny("llama", tmp_path / "dense")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""
+targets:
+  layers: 1
+  heads: 0.25
+  neurons: 0.3
+  mode: per_layer
+  round_to: 1
+calibration: {{source: {texts / "calib.txt"}, n_samples: 8, seq_len: 32}}
+evaluation: {{text: {texts / "eval.txt"}, max_chars: 3000, latency: false}}
+"""
+    )
+    res = cli("compress", src, "-o", tmp_path / "out", "--recipe", recipe)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    assert sidecar["recipe"]["targets"]["mode"] == "per_layer"
+    model, _ = load_pretrained(out)
+    p = probe(out)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=p["input_ids"]).logits, p["output"], atol=1e-5, rtol=0
+        )
+
+
+def test_python_api_iterative(texts, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "targets": {"layers": 2, "neurons": 0.25, "mode": "uniform", "round_to": 1},
+            "iterative": 2,
+            "calibration": {"source": str(texts / "calib.txt"), "n_samples": 8, "seq_len": 32},
+            "evaluation": {"text": str(texts / "eval.txt"), "max_chars": 3000, "latency": False},
+        }
+    )
+    model = tiny_model("llama")
+    result = compress(model, recipe, tmp_path / "out", tokenizer=tiny_tokenizer(), progress=False)
+    assert len(result.plans) == 2
+    assert sum(len(p.layers) for p in result.plans) == 2
+    assert model.config.num_hidden_layers == 3
+    assert model.config.intermediate_size == 96 - 24
+    dense, pruned = result.metrics["dense"], result.metrics["pruned"]
+    assert pruned["params"] < dense["params"]
+    assert pruned["perplexity"]["perplexity"] > 0
+
+
+def test_recipe_round_trip_and_field_errors(tmp_path):
+    recipe = Recipe.from_dict(
+        {"targets": {"layers": 0.2}, "recovery": {"method": "lora", "steps": 5}}
+    )
+    recipe.to_file(tmp_path / "r.yaml")
+    assert Recipe.from_file(tmp_path / "r.yaml") == recipe
+    recipe.to_file(tmp_path / "r.json")
+    assert Recipe.from_file(tmp_path / "r.json") == recipe
+    with pytest.raises(ValueError, match="calibration.n_samples"):
+        Recipe.from_dict({"calibration": {"n_samples": 0}})
+    with pytest.raises(ValueError, match="unknown fields"):
+        Recipe.from_dict({"evaluation": {"txt": "x"}})
+    with pytest.raises(ValueError, match="unknown sections"):
+        Recipe.from_dict({"target": {}})
+    with pytest.raises(ValueError, match="iterative"):
+        Recipe.from_dict({"iterative": 0})
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("d") / "dense")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layers", "1", "--layer-scorer", "nope"], "valid scorers:"),
+        (["--layers", "1.5"], "layers"),
+        (["--layers", "-2"], "layers"),
+        (["--layers", "1", "--eval-text", "/nonexistent/x.txt"], "not found"),
+        (["--layers", "1", "--recover", "nope"], "valid recovery methods:"),
+        (["--layers", "1", "--quantize", "nope"], "valid quantizers:"),
+        ([], "nothing to remove"),
+    ],
+)
+def test_bad_input_one_line_error_nothing_written(dense_dir, tmp_path, extra, message):
+    res = cli("compress", dense_dir, "-o", tmp_path / "out", *extra)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("prunekit: error:") and message in last, res.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(dense_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    res = cli("compress", dense_dir, "-o", out, "--layers", "1")
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert (out / "precious.txt").read_text() == "keep"
