@@ -13,7 +13,9 @@ Tolerances (fp32 logits of the pruned model as reference, relative Frobenius err
 allow 4%. 4-bit with groups of 64 has 16 levels per group, ~10x the int8 step; the measured
 error is 10-20% on this random model, we allow 35%. Both are far below what a wrong model
 gives (an unrelated random model: ~140%), and the reloaded model must reproduce the
-in-memory quantized model's logits to 1e-4.
+in-memory quantized model's logits to 1e-4 (fp32 backends) or within 1% (GPTQModel's AWQ packs
+and runs in bf16, whose rounding step is 2^-8 ~ 0.4% and whose sums depend on the thread
+blocking of the process).
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ def quant_llama(seed: int = 0) -> nn.Module:
     return tf.LlamaForCausalLM(config).eval()
 
 
-# Uniform: one layer, one KV group (2 query heads) per layer and half the MLP go.
+# Uniform: one layer, one query head of each KV group and half the MLP go. Both KV groups stay,
+# so k/v keep 64 output rows (GPTQModel's AWQ clips in blocks of 64 rows).
 PLAN = PrunePlan(
     layers=[1],
-    heads={i: [2, 3] for i in (0, 2)},
+    heads={i: [1, 3] for i in (0, 2)},
     neurons={i: list(range(0, 256, 2)) for i in (0, 2)},
 )
 
@@ -158,7 +161,10 @@ def check_roundtrip(quantized, pruned, tokenizer, ids, tmp_path, tol, method):
     # An unrelated model is far off: the tolerance would catch wrong weights.
     assert rel_err(logits(apply_plan(quant_llama(seed=1), PLAN), ids), ref) > 4 * tol
     reloaded, report, out = save_and_reload(quantized, tokenizer, ids, tmp_path)
-    torch.testing.assert_close(reloaded, q, atol=1e-4, rtol=1e-4)
+    if next(quantized.parameters()).dtype == torch.float32:
+        torch.testing.assert_close(reloaded, q, atol=1e-4, rtol=1e-4)
+    else:  # 16-bit kernels (GPTQModel's AWQ): bf16 sums differ with thread blocking, eps 2^-8
+        assert rel_err(reloaded, q) < 1e-2
     assert report["layers"] == 2 and report["quant_method"] == method
     with torch.no_grad():
         gen = quantized.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
@@ -168,7 +174,7 @@ def check_roundtrip(quantized, pruned, tokenizer, ids, tmp_path, tol, method):
     assert sidecar["plans"] == [PLAN.to_dict()]
     assert sidecar["layer_shapes"][0] == {
         "n_heads": 2,
-        "n_kv_heads": 1,
+        "n_kv_heads": 2,
         "head_dim": 32,
         "intermediate": 128,
     }
@@ -395,6 +401,16 @@ AWQ_BACKENDS = [
         ],
     ),
 ]
+
+
+@needs_gptqmodel
+def test_awq_gptqmodel_refuses_rows_it_cannot_clip(tokenizer):
+    # One KV group of head_dim 32 left: v_proj has 32 output rows, GPTQModel's AWQ would
+    # assert inside a worker thread. The quantizer says so before anything runs.
+    one_group = apply_plan(quant_llama(), PrunePlan(heads={i: [2, 3] for i in range(3)}))
+    config = AWQConfig(group_size=GROUP, n_samples=2, seq_len=16, backend="gptqmodel")
+    with pytest.raises(QuantizationError, match=r"v_proj has 32 output features"):
+        quantize(one_group, tokenizer, "awq", config)
 
 
 @pytest.mark.parametrize("backend", AWQ_BACKENDS)

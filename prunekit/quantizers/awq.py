@@ -26,6 +26,7 @@ from torch import nn
 
 from prunekit.quantizers.base import (
     QUANTIZATION_INFO_ATTR,
+    QuantizationError,
     QuantizerUnavailableError,
     attach_quantized_dir,
     calibration_ids,
@@ -171,6 +172,7 @@ class AWQQuantizer:
                 )
             out = _run_autoawq(model, tokenizer, ids, config)
         else:
+            check_awq_clip_rows(model)
             out = run_gptqmodel(
                 model,
                 tokenizer,
@@ -184,6 +186,8 @@ class AWQQuantizer:
                 },
                 prefix=self.name,
                 quant_backend="awq_torch",
+                # GPTQModel's AWQ kernels pack and run in 16-bit only; bf16 is the CPU-friendly one.
+                dtype=_awq_dtype(model),
             )
         out.__dict__[QUANTIZATION_INFO_ATTR] = {
             "method": self.name,
@@ -191,3 +195,31 @@ class AWQQuantizer:
             "calibration": list(ids.shape),
         }
         return out
+
+
+def check_awq_clip_rows(model: nn.Module) -> None:
+    """GPTQModel's AWQ clip search walks the output rows of every Linear except the query/key
+    projections in blocks of 64 and asserts that they divide evenly (it would otherwise fail
+    inside a worker thread, taking the whole process down). Refuse such a model up front."""
+    from prunekit.plugins import get_adapter
+
+    for i, layer in enumerate(get_adapter(model).layers(model)):
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear) or any(k in name for k in _AWQ_NO_CLIP):
+                continue
+            if module.out_features % 64:
+                raise QuantizationError(
+                    f"layer {i} {name} has {module.out_features} output features; GPTQModel's "
+                    "AWQ needs a multiple of 64 outside the query/key projections. Keep KV "
+                    "head counts x head_dim and MLP widths at multiples of 64 (Targets.round_to"
+                    "=64), or use backend='autoawq' or the gptq quantizer"
+                )
+
+
+def _awq_dtype(model: nn.Module) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+#: Linears GPTQModel's AWQ does not clip (its ``avoid_clipping`` list).
+_AWQ_NO_CLIP = ("q_", "k_", "query", "key", "Wqkv")

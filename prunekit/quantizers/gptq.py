@@ -134,9 +134,11 @@ def run_gptqmodel(
     *,
     prefix: str,
     quant_backend: str = "auto",
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Stage ``model`` in a temporary directory, quantize it with GPTQModel on CPU, save,
-    reload with transformers; the saved directory travels with the returned model."""
+    reload with transformers; the saved directory travels with the returned model.
+    ``dtype``: the dtype GPTQModel loads and packs in (default: the model's)."""
     missing = gptqmodel_missing()
     if missing:
         raise QuantizerUnavailableError(
@@ -150,8 +152,8 @@ def run_gptqmodel(
     try:
         src = stage_model(model, tokenizer, work / "src")
         qc = QuantizeConfig(**quantize_config, offload_to_disk=False, device="cpu")
-        dtype = next(model.parameters()).dtype
-        qmodel = GPTQModel.load(str(src), qc, device="cpu", dtype=dtype)
+        dtype = dtype or next(model.parameters()).dtype
+        qmodel = GPTQModel.load(str(src), qc, dtype=dtype)
         calib = calibration_examples(ids)
         qmodel.quantize(
             calib,
