@@ -204,3 +204,35 @@ def test_existing_output_needs_overwrite(dense_dir, tmp_path):
     res = cli("compress", dense_dir, "-o", out, "--layers", "1")
     assert res.returncode == 2 and "--overwrite" in res.stderr
     assert (out / "precious.txt").read_text() == "keep"
+
+
+def test_compress_recover_quantize_then_eval_and_refuse_to_prune_again(texts, tmp_path):
+    pytest.importorskip("torchao")
+    src = save_tiny("llama", tmp_path / "dense")
+    out = tmp_path / "out"
+    res = cli(
+        "compress", src, "-o", out, "--layers", "1", "--neurons", "0.25",
+        "--recover", "lora", "--recover-steps", "4",
+        "--quantize", "torchao", "--quant-scheme", "int8_weight_only",
+        "--no-latency", *small_run_flags(texts),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    metrics = sidecar["metrics"]
+    assert list(metrics) == ["dense", "pruned", "recovered", "quantized"]
+    assert sidecar["quantization"]["method"] == "torchao"
+    assert sidecar["recovery"][0]["steps"] >= 1
+    # Sizes on disk: int8 weights are smaller than the fp32 dense checkpoint.
+    assert 0 < metrics["quantized"]["size_on_disk_mb"] < metrics["dense"]["size_on_disk_mb"]
+    for stage in ("dense", "pruned", "recovered", "quantized"):
+        assert metrics[stage]["perplexity"]["perplexity"] > 1
+    assert (out / "plots" / "recovery_loss_1.png").is_file()
+    assert "| weights on disk (MB) |" in (out / "report.md").read_text()
+
+    ev = cli("eval", out, "--text", texts / "eval.txt", "--max-chars", "2000", "--no-latency")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "perplexity" in ev.stdout
+
+    again = cli("compress", out, "-o", tmp_path / "again", "--layers", "1")
+    assert again.returncode != 0 and "the model is quantized" in again.stderr
+    assert not (tmp_path / "again").exists()

@@ -101,7 +101,9 @@ def preflight(recipe: Recipe) -> None:
         if section.method is None:
             continue
         plugin = registry.get(section.method)
-        ok, why = plugin.available()
+        # Quantizers answer (ok, reason); recovery methods a bool plus ``requirements``.
+        ok = plugin.available()
+        ok, why = ok if isinstance(ok, tuple) else (ok, getattr(plugin, "requirements", ""))
         if not ok:
             raise RuntimeError(f"{registry.kind} {section.method!r} is not usable here: {why}")
         section.config()  # validates the plugin's config (errors name the field)
@@ -211,6 +213,7 @@ def compress(
     if tokenizer is None:
         raise ValueError("tokenizer: pass the tokenizer along with an in-memory model")
     adapter = get_adapter(model)  # unsupported architecture fails here, before any work
+    _refuse_quantized(model)
     model.eval()
     dense_shapes = adapter.shapes(model)
     dense_counts = {
@@ -225,6 +228,8 @@ def compress(
     _say(progress, "evaluating the dense model")
     with timer("evaluate"):
         metrics["dense"] = _evaluate(model, tokenizer, recipe, dense, progress)
+    if not isinstance(model_or_path, nn.Module) and Path(model_or_path).is_dir():
+        metrics["dense"]["size_on_disk_mb"] = weights_on_disk_mb(Path(model_or_path))
 
     cal = recipe.calibration
     with timer("calibration"):
@@ -314,6 +319,10 @@ def compress(
             else:
                 save_pretrained(model, tmp, tokenizer, overwrite=True, extra=sidecar)
             _save_probe(tmp, probe)
+        # The size of what was written, recorded next to the final stage's metrics.
+        final = "quantized" if quantized is not None else stage
+        metrics[final]["size_on_disk_mb"] = weights_on_disk_mb(tmp)
+        _patch_sidecar(tmp, {"metrics": metrics})
         from prunekit.core.report import write_report
 
         result = CompressResult(
@@ -329,6 +338,36 @@ def compress(
         )
     result.report = output_dir / "report.md"
     return result
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    from prunekit.errors import PruningPlanError
+    from prunekit.quantizers.base import is_quantized
+
+    if is_quantized(model):
+        raise PruningPlanError(
+            "the model is quantized; packed low-bit weights cannot be sliced. Compress the "
+            "unquantized model and add --quantize (prune -> recover -> quantize)",
+            entry="model",
+        )
+
+
+def weights_on_disk_mb(directory: Path) -> float | None:
+    """Size of the weight files (``*.safetensors``, ``*.bin``, ``*.pt`` at the top level) of
+    a model directory, in MiB; ``None`` when it has none."""
+    files = [f for pat in ("*.safetensors", "*.bin", "*.pt") for f in directory.glob(pat)]
+    return sum(f.stat().st_size for f in files) / 2**20 if files else None
+
+
+def _patch_sidecar(directory: Path, values: dict[str, Any]) -> None:
+    import json
+
+    from prunekit.core.io import SIDECAR
+
+    path = directory / SIDECAR
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def _recover(model, tokenizer, recipe: Recipe, dense, *, calib_seed: int, timer, progress):
@@ -380,7 +419,8 @@ def result_table(metrics: dict[str, dict[str, Any]]) -> str:
         ("GFLOPs/token", "flops_per_token", lambda v: f"{v / 1e9:.3f}"),
         ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
         ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
-        ("weights (MB)", "weights_memory_mb", "{:.1f}"),
+        ("weights in memory (MB)", "weights_memory_mb", "{:.1f}"),
+        ("weights on disk (MB)", "size_on_disk_mb", "{:.1f}"),
         ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
     ]
     stages = list(metrics)
