@@ -8,12 +8,14 @@ and print WikiText-2 perplexity dense / pruned / recovered and the fraction of t
 Block influence (ShortGPT, Men et al. 2024, arXiv 2403.03853) of layer i is
 ``BI_i = 1 − E_t cos(x_i,t, x_{i+1},t)`` with ``x_i`` the input of layer i, averaged over the
 tokens of ``--score-samples`` 256-token Brown windows (streamed through forward hooks; no
-hidden state is kept). The lowest-BI layers are removed.
+hidden state is kept; ``prunekit.score``). The lowest-BI layers are removed.
 
 Training text: Brown (``prunekit.core.calibration.load_calibration``), never WikiText-2.
 Evaluation: WikiText-2 test, first ``--eval-chars`` characters (100,000 by default), no BOS,
 non-overlapping ``--window``-token windows (512 by default), every token but a window's first
-scored: ``PPL = exp(−1/N Σ log p(x_t | x_<t))``.
+scored: ``PPL = exp(−1/N Σ log p(x_t | x_<t))`` (``prunekit.core.evaluate.perplexity``).
+``--save-dir DIR`` keeps each recovered model (``DIR/<method>``) for later steps, e.g.
+``benchmarks/quantize.py --recovered DIR/lora``.
 """
 
 from __future__ import annotations
@@ -21,58 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-
-def block_influence(model, samples: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """``BI_i = 1 − mean_t cos(x_i,t, x_{i+1},t)`` per layer, from layer inputs and outputs
-    captured by forward hooks (streaming sums; nothing per-token is kept)."""
-    from prunekit import get_adapter
-
-    layers = get_adapter(model).layers(model)
-    cos_sum = torch.zeros(len(layers), dtype=torch.float64)
-    count = torch.zeros(len(layers), dtype=torch.float64)
-
-    def hook(i):
-        def fn(module, args, kwargs, output):
-            x_in = args[0] if args else kwargs["hidden_states"]
-            x_out = output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-            cos_sum[i] += cos.sum().double()
-            count[i] += cos.numel()
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for start in range(0, samples.shape[0], batch_size):
-                model(input_ids=samples[start : start + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return (1.0 - cos_sum / count).float()
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, window: int) -> float:
-    """exp of the mean next-token NLL over non-overlapping ``window``-token windows."""
-    model.eval()
-    nll, n = 0.0, 0
-    for start in range(0, ids.numel(), window):
-        x = ids[start : start + window].unsqueeze(0)
-        if x.shape[1] < 2:
-            continue
-        logits = model(input_ids=x, use_cache=False).logits
-        nll += float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
-        n += x.shape[1] - 1
-    return math.exp(nll / n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
     p.add_argument("--eval-chars", type=int, default=100_000, help="WikiText-2 prefix (chars)")
     p.add_argument("--out", type=Path, default=None, help="write loss curves + results.json")
+    p.add_argument("--save-dir", type=Path, default=None, help="save recovered models here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from prunekit import PrunePlan, apply_plan, load_pretrained
+    from prunekit import PrunePlan, apply_plan, load_pretrained, save_pretrained, score
     from prunekit.core.calibration import load_calibration
     from prunekit.core.data import brown_path, wikitext2_test_path
+    from prunekit.core.evaluate import perplexity as ppl_eval
     from prunekit.core.models import default_model_dir
     from prunekit.core.recovery import RecoveryConfig, recover
 
@@ -105,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     dense.eval()
     n_layers = len(dense.model.layers)
     text = wikitext2_test_path().read_text(encoding="utf-8")[: args.eval_chars]
-    eval_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def perplexity(model) -> float:
+        r = ppl_eval(model, tokenizer, text, context_len=args.window, progress=False)
+        return r["perplexity"]
+
     print(
         f"SmolLM2-135M-Instruct fp32, {n_layers} layers; torch threads {torch.get_num_threads()}; "
-        f"WikiText-2 test first {args.eval_chars:,} chars = {eval_ids.numel():,} tokens, "
+        f"WikiText-2 test first {args.eval_chars:,} chars = {n_tokens:,} tokens, "
         f"{args.window}-token windows, no BOS",
         flush=True,
     )
@@ -116,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     score_ids = load_calibration(
         brown_path(), tokenizer, n_samples=args.score_samples, seq_len=256, seed=1
     )
-    bi = block_influence(dense, score_ids)
+    bi = score(dense, score_ids, ["block_influence"], progress=False)["block_influence"]
     removed = sorted(torch.argsort(bi)[: args.remove].tolist())
     print("block influence:", " ".join(f"{i}:{v:.3f}" for i, v in enumerate(bi.tolist())))
     print(f"removing layers {removed} (lowest BI)", flush=True)
 
-    ppl_dense = perplexity(dense, eval_ids, args.window)
+    ppl_dense = perplexity(dense)
     pruned = apply_plan(copy.deepcopy(dense), PrunePlan(layers=removed))
-    ppl_pruned = perplexity(pruned, eval_ids, args.window)
+    ppl_pruned = perplexity(pruned)
     print(f"perplexity dense {ppl_dense:.2f}  pruned {ppl_pruned:.2f}", flush=True)
 
     train_ids = load_calibration(
@@ -151,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         result = recover(student, train_ids, config, teacher=dense)
-        ppl = perplexity(student, eval_ids, args.window)
+        ppl = perplexity(student)
         gap = (ppl_pruned - ppl) / (ppl_pruned - ppl_dense)
         rows.append(
             dict(
@@ -173,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.out:
             result.plot(args.out / f"recovery_{method}.png")
+        if args.save_dir:
+            save_pretrained(student, args.save_dir / method, tokenizer, overwrite=True)
         del student
 
     print()
