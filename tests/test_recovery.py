@@ -399,3 +399,25 @@ def test_encoders_and_bad_ids_are_rejected():
         recover(tiny_model("bert"), TEXT, RecoveryConfig(steps=1, **FAST), progress=False)
     with pytest.raises(TypeError, match="integer"):
         recover(tiny_model("llama"), TEXT.float(), RecoveryConfig(steps=1, **FAST))
+
+
+# ---- real model (slow) ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_lora_recovery_on_brown_keeps_best_and_shapes():
+    from prunekit.core.calibration import load_calibration
+    from prunekit.core.data import brown_path
+    from prunekit.core.models import default_model_dir
+
+    model, tokenizer = load_pretrained(default_model_dir())
+    apply_plan(model, PrunePlan(layers=[13, 14]))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    ids = load_calibration(brown_path(), tokenizer, n_samples=10, seq_len=32, seed=0)
+    config = RecoveryConfig(
+        steps=3, lr=1e-3, seq_len=32, batch_size=2, eval_every=1, eval_samples=2, warmup_steps=1
+    )
+    result = recover(model, ids, config, progress=False)
+    assert result.steps == 3 and 2.0 < result.initial_eval_loss < 8.0
+    assert result.best_eval_loss <= result.initial_eval_loss
+    assert not has_lora_modules(model)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert model.config.num_hidden_layers == 28
