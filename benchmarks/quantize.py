@@ -40,19 +40,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-chars", type=int, default=100_000)
     p.add_argument("--context-len", type=int, default=2048)
+    p.add_argument(
+        "--group-size", type=int, default=64,
+        help="awq/gptq group size (SmolLM2's hidden 576 = 9 x 64 is not a multiple of 128)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = p.parse_args(argv)
 
     import torch
     import transformers
 
-    from prunekit import Targets, apply_plan, load_pretrained, plan_for, save_pretrained
+    from prunekit import PrunePlan, Targets, apply_plan, load_pretrained, plan_for, save_pretrained
     from prunekit.core.calibration import load_calibration
     from prunekit.core.data import wikitext2_test_path
     from prunekit.core.evaluate import perplexity
     from prunekit.core.models import default_model_dir
     from prunekit.core.recovery import RecoveryConfig, recover
-    from prunekit.quantizers import get_quantizer, quantize, save_quantized
+    from prunekit.quantizers import (
+        get_quantizer,
+        quantize,
+        quantizer_config_from_args,
+        save_quantized,
+    )
     from prunekit.quantizers.base import QUANTIZATION_INFO_ATTR
 
     t0 = time.perf_counter()
@@ -102,24 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     else:
         recovered_dir = args.recovered
         recovered, _ = load_pretrained(recovered_dir)
+        # The plans travel in the sidecar: re-apply them to the dense model for the row
+        # "pruned, not recovered".
+        sidecar = json.loads((recovered_dir / "prunekit.json").read_text(encoding="utf-8"))
+        pruned = copy.deepcopy(dense)
+        for plan in sidecar.get("plans", []):
+            apply_plan(pruned, PrunePlan.from_dict(plan))
+        save_pretrained(pruned, work / "pruned", tok)
+        row(f"pruned ({pruned.config.num_hidden_layers} layers, no recovery)", pruned,
+            work / "pruned")  # fmt: skip
+        del pruned
         label = f"pruned + recovered ({recovered_dir})"
     del dense
     row(label, recovered, recovered_dir)
 
-    for name in args.methods.split(","):
+    for name in filter(None, args.methods.split(",")):
         ok, reason = get_quantizer(name).available()
         if not ok:
             print(f"{name}: skipped ({reason})", flush=True)
             continue
         t = time.perf_counter()
-        q = quantize(copy.deepcopy(recovered), tok, name, calib_ids=calib)
+        config = quantizer_config_from_args(
+            name, group_size=args.group_size if name in ("awq", "gptq") else None
+        )
+        q = quantize(copy.deepcopy(recovered), tok, name, config, calib_ids=calib)
         seconds = time.perf_counter() - t
         info = q.__dict__.get(QUANTIZATION_INFO_ATTR, {})
         save_quantized(q, work / name, tok)
         del q
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(work / name).eval()
         desc = info.get("config", {})
-        summary = ", ".join(f"{k}={v}" for k, v in desc.items() if k in ("bits", "scheme"))
+        keys = ("bits", "group_size", "scheme")
+        summary = ", ".join(f"{k}={v}" for k, v in desc.items() if k in keys)
         row(f"+ {name} ({summary})", reloaded, work / name, seconds)
         del reloaded
 
