@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "--group-size", type=int, default=64,
         help="awq/gptq group size (SmolLM2's hidden 576 = 9 x 64 is not a multiple of 128)",
     )  # fmt: skip
+    p.add_argument(
+        "--quantized-only", action="store_true",
+        help="with --recovered: skip the dense/pruned/recovered rows (already measured)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = p.parse_args(argv)
 
@@ -89,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"{name}: perplexity {r['ppl']:.2f}, weights {r['disk_mb']:.1f} MB", flush=True)
 
-    save_pretrained(dense, work / "dense", tok)
-    row("dense (30 layers, fp32)", dense, work / "dense")
+    reference = not (args.quantized_only and args.recovered is not None)
+    if reference:
+        save_pretrained(dense, work / "dense", tok)
+        row("dense (30 layers, fp32)", dense, work / "dense")
     if args.recovered is None:
         plan, _ = plan_for(dense, calib, Targets(layers=args.remove), progress=False)
         pruned = copy.deepcopy(dense)
@@ -108,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         save_pretrained(pruned, recovered_dir, tok)
         recovered = pruned
         label = f"+ lora ({args.minutes:g} min)"
+    elif not reference:
+        recovered_dir = args.recovered
+        recovered, _ = load_pretrained(recovered_dir)
     else:
         recovered_dir = args.recovered
         recovered, _ = load_pretrained(recovered_dir)
@@ -123,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         del pruned
         label = f"pruned + recovered ({recovered_dir})"
     del dense
-    row(label, recovered, recovered_dir)
+    if reference:
+        row(label, recovered, recovered_dir)
 
     for name in filter(None, args.methods.split(",")):
         ok, reason = get_quantizer(name).available()
