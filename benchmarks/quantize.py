@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantized-only", action="store_true",
         help="with --recovered: skip the dense/pruned/recovered rows (already measured)",
+    )  # fmt: skip
+    p.add_argument(
+        "--awq-backend", default="auto", choices=["auto", "autoawq", "gptqmodel"],
+        help="auto: AutoAWQ when it imports (about 40 s per layer on a 2-core CPU), else GPTQModel",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = p.parse_args(argv)
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         config = quantizer_config_from_args(
             name, group_size=args.group_size if name in ("awq", "gptq") else None
         )
+        if name == "awq":
+            config = dataclasses.replace(config, backend=args.awq_backend)
         q = quantize(copy.deepcopy(recovered), tok, name, config, calib_ids=calib)
         seconds = time.perf_counter() - t
         info = q.__dict__.get(QUANTIZATION_INFO_ATTR, {})
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         del q
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(work / name).eval()
         desc = info.get("config", {})
-        keys = ("bits", "group_size", "scheme")
+        keys = ("bits", "group_size", "scheme", "backend")
         summary = ", ".join(f"{k}={v}" for k, v in desc.items() if k in keys)
         row(f"+ {name} ({summary})", reloaded, work / name, seconds)
         del reloaded
