@@ -215,7 +215,12 @@ class _Recorder(nn.Module):
 
 
 class _LayerLoader:
-    """Reads one layer's tensors from a model directory's safetensors files on demand."""
+    """Reads one layer's tensors from a model directory's safetensors files on demand.
+
+    Each read opens the file, copies the tensors out and closes it again: an open
+    ``safe_open`` handle keeps the file memory-mapped, and every page read through it would
+    stay in the process's resident set until the end, i.e. the whole model by the last layer.
+    """
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -228,17 +233,30 @@ class _LayerLoader:
                 f"{path} has no *.safetensors files; sequential scoring reads weights from "
                 "safetensors (re-save the model with prunekit.save_pretrained)"
             )
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where: dict[str, Any] = {}
-        for h in self._handles:
-            for k in h.keys():
-                self._where[k] = h
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self._where[k] = f
 
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self._where[k], []).append(k)
+        out = {}
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as h:
+                for k in names:
+                    out[k] = h.get_tensor(k).clone()
+        return out
+
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        return self.get_many([key])[key]
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype | None) -> None:
         state = {}
@@ -249,7 +267,9 @@ class _LayerLoader:
                 from prunekit.errors import ModelLoadError
 
                 raise ModelLoadError(f"checkpoint lacks tensor {key}")
-            t = self.get(key)
+        tensors = self.get_many([f"{prefix}{name}" for name in names])
+        for name in names:
+            t = tensors[f"{prefix}{name}"]
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             state[name] = t
@@ -283,12 +303,15 @@ def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, _LayerL
     loader = _LayerLoader(path)
     layer_prefixes = tuple(layer_prefix.values())
     state = {}
-    for key in loader.keys():
-        if key.startswith(base_prefix) and not key.startswith(layer_prefixes):
-            t = loader.get(key)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            state[key[len(base_prefix) :]] = t
+    wanted = [
+        k for k in loader.keys() if k.startswith(base_prefix) and not k.startswith(layer_prefixes)
+    ]
+    tensors = loader.get_many(wanted)
+    for key in wanted:
+        t = tensors[key]
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[key[len(base_prefix) :]] = t
     model.base_model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
