@@ -261,6 +261,20 @@ def test_peak_memory_sees_a_64mb_allocation():
     assert got["method"] in ("rss_hwm", "ru_maxrss_delta")
 
 
+def test_peak_memory_sees_memory_the_allocator_kept_from_an_earlier_run():
+    # 48 chunks of 4 MiB: after the first run frees them, glibc raises its mmap threshold and
+    # keeps the freed pages in its heap, so the second run reuses resident pages and its RSS
+    # never grows. The measurement must hand free heap back to the kernel first.
+    def allocate():
+        chunks = [torch.ones(2**20) for _ in range(48)]
+        return sum(float(c[-1]) for c in chunks)
+
+    allocate()
+    allocate()
+    got = ev.peak_memory(allocate)
+    assert got["peak_memory_mb"] >= 150, got
+
+
 # ---- encoders ---------------------------------------------------------------------------------
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -241,8 +241,26 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand the memory glibc keeps from freed tensors back to the kernel (``malloc_trim``).
+
+    After a first pass frees its activations, glibc raises its mmap threshold and keeps the
+    pages in its heap; a second pass reuses them without the resident set growing, so a peak
+    read from the RSS would miss it. A no-op off glibc.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -256,10 +274,10 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> di
 
     On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before (``method:
     "cuda_max_allocated"``). On CPU: the peak resident set size minus the RSS before, read
-    from Linux's ``VmHWM`` after resetting it through ``/proc/self/clear_refs`` (``method:
-    "rss_hwm"``); elsewhere the process-lifetime ``ru_maxrss`` delta, which reads 0 when an
-    earlier peak was higher (``method: "ru_maxrss_delta"``). Returns ``{"peak_memory_mb",
-    "method"}``.
+    from Linux's ``VmHWM`` after handing glibc's free heap back to the kernel and resetting the
+    counter through ``/proc/self/clear_refs`` (``method: "rss_hwm"``); elsewhere the
+    process-lifetime ``ru_maxrss`` delta, which reads 0 when an earlier peak was higher
+    (``method: "ru_maxrss_delta"``). Returns ``{"peak_memory_mb", "method"}``.
     """
     device = torch.device(device)
     if device.type == "cuda":

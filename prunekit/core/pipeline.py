@@ -421,8 +421,8 @@ def result_table(metrics: dict[str, dict[str, Any]]) -> str:
         ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
         ("weights in memory (MB)", "weights_memory_mb", "{:.1f}"),
         ("weights on disk (MB)", "size_on_disk_mb", "{:.1f}"),
-        # On CPU the peak is what the run had to obtain from the OS (VmHWM): pages the process
-        # already held from an earlier, bigger pass are reused and do not show.
+        # On CPU: the resident-set peak (VmHWM) of one latency run above the RSS before it,
+        # measured after glibc's free heap went back to the kernel (evaluate.peak_memory).
         ("peak memory above weights (MB)", "peak_memory_mb", "{:.1f}"),
     ]
     stages = list(metrics)
