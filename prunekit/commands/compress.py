@@ -21,44 +21,41 @@ def _amount(text: str) -> float | int:
         ) from None
 
 
-def _recipe_from_args(args: argparse.Namespace):
-    from prunekit.core.recipe import Recipe
-
-    data: dict[str, Any] = Recipe.from_file(args.recipe).to_dict() if args.recipe else {}
-    targets = data.setdefault("targets", {})
-    for flag, key in (
-        ("layers", "layers"),
-        ("heads", "heads"),
-        ("neurons", "neurons"),
-        ("layer_scorer", "layer_scorer"),
-        ("head_scorer", "head_scorer"),
-        ("neuron_scorer", "neuron_scorer"),
-        ("mode", "mode"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            targets[key] = value
-    cal = data.setdefault("calibration", {})
-    for flag, key in (("calib", "source"), ("calib_samples", "n_samples"), ("seq_len", "seq_len")):
-        if getattr(args, flag) is not None:
-            cal[key] = getattr(args, flag)
-    rec = data.setdefault("recovery", {})
-    for flag, key in (
-        ("recover", "method"),
-        ("recover_steps", "steps"),
-        ("recover_minutes", "minutes"),
-    ):
-        if getattr(args, flag) is not None:
-            rec[key] = getattr(args, flag)
-    quant = data.setdefault("quantize", {})
-    for flag, key in (
+#: recipe section -> (CLI flag's dest, field in that section): a flag given on the command line
+#: overrides the recipe file's field
+_FLAG_FIELDS = {
+    "targets": [
+        (flag, flag)
+        for flag in (
+            "layers",
+            "heads",
+            "neurons",
+            "layer_scorer",
+            "head_scorer",
+            "neuron_scorer",
+            "mode",
+        )
+    ],
+    "calibration": [("calib", "source"), ("calib_samples", "n_samples"), ("seq_len", "seq_len")],
+    "recovery": [("recover", "method"), ("recover_steps", "steps"), ("recover_minutes", "minutes")],
+    "quantize": [
         ("quantize", "method"),
         ("quant_bits", "bits"),
         ("quant_group_size", "group_size"),
         ("quant_scheme", "scheme"),
-    ):
-        if getattr(args, flag) is not None:
-            quant[key] = getattr(args, flag)
+    ],
+}
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from prunekit.core.recipe import Recipe
+
+    data: dict[str, Any] = Recipe.from_file(args.recipe).to_dict() if args.recipe else {}
+    for section, flags in _FLAG_FIELDS.items():
+        values = data.setdefault(section, {})
+        for flag, key in flags:
+            if getattr(args, flag) is not None:
+                values[key] = getattr(args, flag)
     ev = data.setdefault("evaluation", {})
     if args.eval_text is not None:
         ev["text"] = args.eval_text

@@ -195,7 +195,6 @@ def compress(
     a model directory, a hub id, or a ``.gguf`` file. ``recipe``: a :class:`Recipe`, a dict,
     or a YAML/JSON file.
     """
-    from prunekit.core.calibration import load_calibration
     from prunekit.core.select import plan_for
 
     if not isinstance(recipe, Recipe):
@@ -231,16 +230,8 @@ def compress(
     if not isinstance(model_or_path, nn.Module) and Path(model_or_path).is_dir():
         metrics["dense"]["size_on_disk_mb"] = weights_on_disk_mb(Path(model_or_path))
 
-    cal = recipe.calibration
     with timer("calibration"):
-        calib_ids = load_calibration(
-            cal.source,
-            tokenizer,
-            n_samples=cal.n_samples,
-            seq_len=cal.seq_len,
-            seed=cal.seed,
-            model=model,
-        )
+        calib_ids = recipe.calibration.load(tokenizer, model=model)
     plans: list[PrunePlan] = []
     all_scores = []
     recovery_results = []
@@ -269,7 +260,7 @@ def compress(
                     tokenizer,
                     recipe,
                     dense,
-                    calib_seed=cal.seed + step,
+                    calib_seed=recipe.calibration.seed + step,
                     timer=timer,
                     progress=progress,
                 )

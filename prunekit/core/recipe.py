@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.core.calibration import Calibration
 from prunekit.core.select import Targets
 
 
@@ -33,21 +34,17 @@ def _check(cond: bool, name: str, message: str) -> None:
 
 
 @dataclass
-class CalibrationSection:
-    source: str | None = field(
-        default=None,
-        metadata={
-            "help": "text file, folder, 'self' (model-generated) or datasets name[:config"
-            "[:split]]; None: the offline Brown corpus"
-        },
-    )
+class CalibrationSection(Calibration):
+    """The recipe's :class:`~prunekit.core.calibration.Calibration`, with smaller defaults
+    (64 x 256 tokens) and errors that name the recipe field."""
+
     n_samples: int = field(default=64, metadata={"help": "number of calibration sequences"})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
-    seed: int = field(default=0, metadata={"help": "seed for sampling windows"})
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 1, "calibration.n_samples", f"must be >= 1, got {self.n_samples}")
         _check(self.seq_len >= 2, "calibration.seq_len", f"must be >= 2, got {self.seq_len}")
+        super().__post_init__()
 
 
 @dataclass
