@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,21 +57,18 @@ class CompressResult:
 
 
 class _Timer:
+    """``with timer("step"):`` adds the block's wall time to ``timings["step"]``."""
+
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    def __call__(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                elapsed = time.perf_counter() - self.t0
-                timer.timings[name] = timer.timings.get(name, 0.0) + elapsed
-
-        return _Ctx()
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _say(progress: bool, message: str) -> None:
@@ -292,12 +291,13 @@ def compress(
         with timer("evaluate"):
             metrics["quantized"] = _evaluate(quantized, tokenizer, recipe, None, progress)
 
+    recovery_log = [r.to_dict() for r in recovery_results]
     sidecar = {
         "recipe": recipe.to_dict(),
         "metrics": metrics,
         "timings": timer.timings,
         "scores": [s.to_dict() for s in all_scores],
-        "recovery": [r.to_dict() for r in recovery_results],
+        "recovery": recovery_log,
         "dense_layer_shapes": [s.to_dict() for s in dense_shapes],
     }
     _say(progress, f"saving to {output_dir}")
@@ -322,7 +322,7 @@ def compress(
             metrics=metrics,
             timings=timer.timings,
             layout=layout,
-            recovery=[r.to_dict() for r in recovery_results],
+            recovery=recovery_log,
         )
         write_report(
             tmp, result, recipe, all_scores, recovery_results, dense_shapes, adapter.shapes(model)

@@ -108,14 +108,11 @@ def write_report(
     plots.mkdir(exist_ok=True)
     images: list[tuple[str, Path]] = []
     if all_scores:
-        try:
-            from prunekit.core.plots import plot_scores
+        from prunekit.core.plots import plot_scores
 
-            first_plan = result.plans[0] if result.plans else None
-            for p in plot_scores(all_scores[0], first_plan, plots, targets=recipe.targets):
-                images.append((Path(p).stem.replace("_", " "), Path(p)))
-        except ImportError:  # pragma: no cover - plots module is part of the package
-            pass
+        first_plan = result.plans[0] if result.plans else None
+        for p in plot_scores(all_scores[0], first_plan, plots, targets=recipe.targets):
+            images.append((Path(p).stem.replace("_", " "), Path(p)))
     p = plot_before_after(result.metrics, plots / "before_after.png")
     if p:
         images.append(("before / after", p))
