@@ -73,3 +73,13 @@ class UnsafeCheckpointError(PrunekitError, ValueError):
 
 class ModelLoadError(PrunekitError, OSError):
     """A model directory is missing files or cannot be read."""
+
+
+class PluginUnavailableError(PrunekitError, RuntimeError):
+    """A plugin's backend is not usable here (package missing, no CUDA, ...)."""
+
+    def __init__(self, kind: str, name: str, why: str):
+        self.kind = kind
+        self.name = name
+        self.why = why
+        super().__init__(f"{kind} {name!r} is not usable here: {why}")
