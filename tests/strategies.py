@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from prunekit import PrunePlan
-from prunekit.adapters import LayerShape
+from prunekit.core.shapes import LayerShape
 
 
 @st.composite

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunekit.adapters.base import LayerShape
 from prunekit.core.scores import Scores
 from prunekit.core.select import Targets, count_of, round_width, select
+from prunekit.core.shapes import LayerShape
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

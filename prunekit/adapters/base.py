@@ -1,42 +1,21 @@
 """Architecture adapters: where an architecture keeps its layers, heads and MLP neurons.
 
 An adapter never name-sniffs modules: it knows the attribute paths of its architecture. All
-slicing goes through :func:`prunekit.core.slicing.slice_linear`.
+slicing goes through :meth:`Adapter.slice_projection` (by default
+:func:`prunekit.adapters.slicing.slice_linear`); an architecture whose projections are not in
+``nn.Linear`` layout overrides :meth:`Adapter.linear_weight`, :meth:`Adapter.in_features`,
+:meth:`Adapter.out_features` and :meth:`Adapter.slice_projection`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from prunekit.core.slicing import head_rows, slice_linear
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Shape of one transformer layer: query heads, KV heads, head size, MLP width."""
-
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate: int
-
-    @property
-    def group_size(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def config_global(config: Any, key: str, default: Any = None) -> Any:
-    """Read a config attribute's global value, also on a heterogeneous (per-layer) config."""
-    getter = getattr(config, "_getattr_without_heterogeneous_validation", None)
-    if getter is not None:
-        return getter(key, default)
-    return getattr(config, key, default)
+from prunekit.adapters.slicing import Dim, head_rows, slice_linear
+from prunekit.core.shapes import LayerShape, config_global
 
 
 class Adapter:
@@ -88,16 +67,43 @@ class Adapter:
     def head_dim(self, layer: nn.Module) -> int:
         return int(self.attention(layer).head_dim)
 
+    # ---- projections (override for weights not in nn.Linear layout) -------------------
+    def linear_weight(self, module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """A projection's weight (or ``tensor``, a tensor of the weight's shape such as its
+        gradient) in ``nn.Linear`` layout ``[out, in]``."""
+        return module.weight if tensor is None else tensor
+
+    def out_features(self, module: nn.Module) -> int:
+        """Output feature count of a projection. Read from ``out_features`` when the module
+        has it (quantized linears keep ``qweight`` and no ``weight``)."""
+        n = getattr(module, "out_features", None)
+        return int(n) if n is not None else int(self.linear_weight(module).shape[0])
+
+    def in_features(self, module: nn.Module) -> int:
+        """Input feature count of a projection (``in_features`` when the module has it)."""
+        n = getattr(module, "in_features", None)
+        return int(n) if n is not None else int(self.linear_weight(module).shape[1])
+
+    def slice_projection(self, module: nn.Module, keep: torch.Tensor | list[int], dim: Dim):
+        """Keep features ``keep`` of a projection on its output (``"out"``) or input (``"in"``)
+        side, in place."""
+        slice_linear(module, keep, dim)
+
+    def head_features(self, layer: nn.Module, heads: torch.Tensor | list[int]) -> torch.Tensor:
+        """Input features of :meth:`head_output_projection` that carry the outputs of
+        query heads ``heads``."""
+        return head_rows(heads, self.head_dim(layer))
+
     # ---- geometry ----------------------------------------------------------------------
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         """Read a layer's shape from its modules (not from the config)."""
         q, k, _ = self.qkv_projections(layer)
         d = self.head_dim(layer)
         return LayerShape(
-            n_heads=_out_features(q) // d,
-            n_kv_heads=_out_features(k) // d,
+            n_heads=self.out_features(q) // d,
+            n_kv_heads=self.out_features(k) // d,
             head_dim=d,
-            intermediate=_in_features(self.neuron_output_projection(layer)),
+            intermediate=self.in_features(self.neuron_output_projection(layer)),
         )
 
     def shapes(self, model: nn.Module) -> list[LayerShape]:
@@ -108,10 +114,10 @@ class Adapter:
         """Keep query heads ``keep_q`` and KV heads ``keep_kv`` (already validated for GQA)."""
         d = self.head_dim(layer)
         q, k, v = self.qkv_projections(layer)
-        slice_linear(q, head_rows(keep_q, d), "out")
+        self.slice_projection(q, head_rows(keep_q, d), "out")
         for proj in (k, v) if k is not q else ():
-            slice_linear(proj, head_rows(keep_kv, d), "out")
-        slice_linear(self.head_output_projection(layer), head_rows(keep_q, d), "in")
+            self.slice_projection(proj, head_rows(keep_kv, d), "out")
+        self.slice_projection(self.head_output_projection(layer), head_rows(keep_q, d), "in")
         self.set_head_counts(self.attention(layer), len(keep_q), len(keep_kv), d)
 
     def set_head_counts(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -126,8 +132,8 @@ class Adapter:
 
     def slice_neurons(self, layer: nn.Module, keep: list[int]) -> None:
         for proj in self.mlp_input_projections(layer):
-            slice_linear(proj, keep, "out")
-        slice_linear(self.neuron_output_projection(layer), keep, "in")
+            self.slice_projection(proj, keep, "out")
+        self.slice_projection(self.neuron_output_projection(layer), keep, "in")
 
     def set_layer_index(self, layer: nn.Module, index: int) -> None:
         attn = self.attention(layer)
@@ -269,12 +275,4 @@ class DecoderAdapter(Adapter):
         return layer.mlp.down_proj
 
 
-def _out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if hasattr(module, "nf") else module.weight.shape[0]
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if hasattr(module, "nf") else module.weight.shape[1]
-
-
-__all__ = ["Adapter", "DecoderAdapter", "LayerShape", "config_global"]
+__all__ = ["Adapter", "DecoderAdapter"]

@@ -100,7 +100,7 @@ def _config(model: str, gguf_file: str | None) -> Any:
 
 
 def _bench_shape(adapter: Any, config: Any, shape: Any, label: str) -> dict[str, Any]:
-    from prunekit.adapters.base import config_global
+    from prunekit.core.shapes import config_global
 
     return {
         "label": label,
@@ -120,7 +120,7 @@ def planned_shapes(shapes: list[Any], plan: Any) -> list[Any]:
     Same rules as :func:`prunekit.apply_plan`: the plan is validated first, heads leave whole
     KV groups or the same number of query heads per group.
     """
-    from prunekit.adapters.base import LayerShape
+    from prunekit.core.shapes import LayerShape
 
     head_keeps = plan.validate(shapes)
     out = []

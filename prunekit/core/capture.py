@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters.base import LayerShape
+from prunekit.core.shapes import LayerShape
 
 TAPS = ("weights", "layer_io", "head_inputs", "neuron_inputs", "gradients")
 

@@ -457,7 +457,7 @@ def flops_breakdown(model: nn.Module, seq_len: int = 2048) -> dict[str, float]:
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    from prunekit.adapters.base import config_global
+    from prunekit.core.shapes import config_global
     from prunekit.plugins import get_adapter
 
     adapter = get_adapter(model)

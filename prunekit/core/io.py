@@ -1,5 +1,6 @@
 """Loading and saving models: stock configs for uniform results, ``per_layer_config`` for
-per-layer results, safetensors only, atomic writes, and a ``prunekit.json`` sidecar."""
+per-layer results, safetensors only, atomic writes, and a ``prunekit.json`` sidecar (built by
+:func:`build_sidecar`, the one place that knows its fields)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.core.plan import PrunePlan
+from prunekit.core.shapes import LayerShape
+from prunekit.core.surgery import applied_plans
 from prunekit.errors import ModelLoadError, OutputExistsError, UnsafeCheckpointError
 from prunekit.plugins import get_adapter
 from prunekit.versions import versions
@@ -22,6 +26,7 @@ from prunekit.versions import versions
 SIDECAR = "prunekit.json"
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_WEIGHT_SUFFIXES = (".safetensors", *_PICKLE_SUFFIXES)
 
 
 # ---- output directories -----------------------------------------------------------------
@@ -81,6 +86,60 @@ def global_access(config: Any) -> Iterator[None]:
         log.setLevel(level)
 
 
+# ---- sidecar and sizes --------------------------------------------------------------------
+def build_sidecar(
+    model: nn.Module,
+    *,
+    plans: list[PrunePlan] | list[dict[str, Any]] | None = None,
+    shapes: list[LayerShape] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``prunekit.json`` dict for ``model``: format, layout (``uniform`` / ``per_layer``),
+    adapter, model type, per-layer shapes, the applied plans and package versions, then
+    ``extra`` (which may add keys such as ``recipe``, ``metrics``, ``quantization`` or replace
+    ``versions``).
+
+    ``plans`` defaults to ``model.prunekit_plans`` (recorded by :func:`prunekit.apply_plan`);
+    ``shapes`` defaults to the shapes read from the modules (pass
+    ``adapter.config_shapes(model.config)`` for a model whose modules are packed)."""
+    adapter = get_adapter(model)
+    config = model.config
+    if plans is None:
+        plans = applied_plans(model)
+    if shapes is None:
+        shapes = adapter.shapes(model)
+    return {
+        "format": FORMAT_VERSION,
+        "layout": "per_layer" if getattr(config, "is_heterogeneous", False) else "uniform",
+        "adapter": adapter.name,
+        "model_type": config.model_type,
+        "layer_shapes": [s.to_dict() for s in shapes],
+        "plans": [p.to_dict() if isinstance(p, PrunePlan) else dict(p) for p in plans],
+        "versions": versions(),
+        **(extra or {}),
+    }
+
+
+def write_sidecar(directory: str | Path, sidecar: dict[str, Any]) -> Path:
+    """Write ``sidecar`` as ``<directory>/prunekit.json``; return its path."""
+    path = Path(directory) / SIDECAR
+    path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def weights_size_mb(path: str | Path) -> float | None:
+    """Size in MiB of a model's weights: one weight file, or the weight files
+    (``*.safetensors``, ``*.bin``, ``*.pt``, ...) at the top level of a model directory;
+    ``None`` when there are none (e.g. ``path`` is a hub id)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    if not path.is_dir():
+        return None
+    files = [f for f in path.iterdir() if f.is_file() and f.suffix in _WEIGHT_SUFFIXES]
+    return sum(f.stat().st_size for f in files) / 2**20 if files else None
+
+
 # ---- save --------------------------------------------------------------------------------
 def save_pretrained(
     model: nn.Module,
@@ -88,18 +147,21 @@ def save_pretrained(
     tokenizer: Any = None,
     *,
     overwrite: bool = False,
+    plans: list[PrunePlan] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save a (pruned) model as safetensors + config + ``prunekit.json``.
 
     Uniform results get a stock config that plain ``AutoModel*.from_pretrained`` loads;
     per-layer results carry ``per_layer_config`` and load with :func:`load_pretrained`.
-    Refuses a non-empty ``out_dir`` unless ``overwrite=True``; writes atomically.
+    Refuses a non-empty ``out_dir`` unless ``overwrite=True``; writes atomically. The sidecar
+    (:func:`build_sidecar`) records ``plans``, by default ``model.prunekit_plans``, and
+    ``extra``.
     """
-    adapter = get_adapter(model)
+    get_adapter(model)  # an unsupported architecture fails before anything is written
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("model has parameters on the meta device; load its weights first")
-    shapes = adapter.shapes(model)
+    sidecar = build_sidecar(model, plans=plans, extra=extra)
     with AtomicDir(out_dir, overwrite) as tmp, global_access(model.config):
         model.save_pretrained(tmp)
         _strip_config_key(tmp / "config.json", "allow_global_per_layer_attribute_access")
@@ -108,17 +170,7 @@ def save_pretrained(
         pickled = [p.name for p in tmp.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickled:  # pragma: no cover - transformers 5 writes safetensors only
             raise RuntimeError(f"refusing to write pickled files {pickled}")
-        sidecar = {
-            "format": FORMAT_VERSION,
-            "layout": "per_layer" if model.config.is_heterogeneous else "uniform",
-            "adapter": adapter.name,
-            "model_type": model.config.model_type,
-            "layer_shapes": [s.to_dict() for s in shapes],
-            "plans": model.__dict__.get("_prunekit_plans", []),
-            "versions": versions(),
-            **(extra or {}),
-        }
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+        write_sidecar(tmp, sidecar)
     return Path(out_dir)
 
 

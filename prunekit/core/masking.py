@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from prunekit.core.plan import PrunePlan
-from prunekit.core.slicing import head_rows
 from prunekit.plugins import get_adapter
 
 
@@ -41,9 +40,9 @@ def masked(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
     try:
         for i, heads in plan.heads.items():
             if heads:
-                d = adapter.head_dim(layers[i])
                 proj = adapter.head_output_projection(layers[i])
-                handles.append(proj.register_forward_pre_hook(_zero_inputs(head_rows(heads, d))))
+                features = adapter.head_features(layers[i], heads)
+                handles.append(proj.register_forward_pre_hook(_zero_inputs(features)))
         for i, neurons in plan.neurons.items():
             if neurons:
                 proj = adapter.neuron_output_projection(layers[i])

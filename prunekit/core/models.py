@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from prunekit.core.io import load_model, save_pretrained
 from prunekit.errors import ModelLoadError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,8 +37,6 @@ def smollm2_gguf() -> Path:
 
 def default_model_dir() -> Path:
     """A directory with SmolLM2-135M-Instruct as fp32 safetensors (created on first use)."""
-    from prunekit.core.io import load_model, save_pretrained
-
     target = cache_dir() / "smollm2-135m-instruct-fp32"
     if (target / "config.json").is_file():
         return target

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.adapters.base import LayerShape
+from prunekit.core.shapes import LayerShape
 from prunekit.errors import PruningPlanError
 
 

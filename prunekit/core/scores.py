@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters.base import LayerShape
+from prunekit.core.shapes import LayerShape
 
 Value = torch.Tensor | list[torch.Tensor]
 

@@ -1,21 +1,79 @@
-"""Apply a :class:`PrunePlan` to a model in place, through its architecture adapter."""
+"""Apply a :class:`PrunePlan` to a model in place, through its architecture adapter.
+
+The applied plans are data on the model, not hidden state: after :func:`apply_plan` the model
+carries them in the public attribute ``model.prunekit_plans`` (a list of :class:`PrunePlan`,
+oldest first, each with indices relative to the model it was applied to), which
+:func:`prunekit.save_pretrained` writes to the ``prunekit.json`` sidecar.
+"""
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
+import torch
 from torch import nn
 
 from prunekit.core.plan import PrunePlan
+from prunekit.core.shapes import LayerShape
 from prunekit.errors import PruningPlanError
 from prunekit.plugins import get_adapter
 
+#: public attribute in which :func:`apply_plan` records the plans applied to a model
+PLANS_ATTR = "prunekit_plans"
+
+
+def applied_plans(model: nn.Module) -> list[PrunePlan]:
+    """The plans :func:`apply_plan` applied to ``model``, oldest first (``[]`` if none)."""
+    return list(getattr(model, PLANS_ATTR, None) or [])
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` carries a quantization mark: ``hf_quantizer``, ``is_quantized``,
+    ``config.quantization_config``, or a weight that is a tensor subclass (torchao)."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        return True
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        return True
+    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
+
 
 def _check_not_quantized(model: nn.Module) -> None:
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+    if _is_quantized(model):
         raise PruningPlanError(
             "the model is quantized; packed low-bit weights cannot be sliced. Prune the "
             "unquantized model first, then quantize (prune -> recover -> quantize)",
             entry="model",
         )
+
+
+def _slice_units(
+    adapter: Any,
+    layers: nn.ModuleList,
+    plan: PrunePlan,
+    shapes: list[LayerShape],
+    head_keeps: dict[int, tuple[list[int], list[int]]],
+) -> None:
+    for layer_idx, (keep_q, keep_kv) in head_keeps.items():
+        adapter.slice_heads(layers[layer_idx], keep_q, keep_kv)
+    for layer_idx, removed in plan.neurons.items():
+        if removed:
+            gone = set(removed)
+            keep = [i for i in range(shapes[layer_idx].intermediate) if i not in gone]
+            adapter.slice_neurons(layers[layer_idx], keep)
+
+
+def _drop_layers(adapter: Any, model: nn.Module, removed: list[int]) -> list[int]:
+    """Remove layers ``removed``, renumber the rest; return the original indices kept."""
+    layers = adapter.layers(model)
+    gone = set(removed)
+    kept = [i for i in range(len(layers)) if i not in gone]
+    if removed:
+        new_layers = nn.ModuleList([layers[i] for i in kept])
+        for new_idx, layer in enumerate(new_layers):
+            adapter.set_layer_index(layer, new_idx)
+        adapter.set_layers(model, new_layers)
+    return kept
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -26,7 +84,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     ``model.config`` agree: ``layer_idx`` renumbered, ``layer_types`` sliced,
     ``num_hidden_layers`` / head counts / ``head_dim`` / ``intermediate_size`` rewritten (as a
     stock config when every layer has the same shape, else as ``per_layer_config``). Tied
-    input/output embeddings are never touched, so they stay tied.
+    input/output embeddings are never touched, so they stay tied. A copy of ``plan`` is
+    appended to ``model.prunekit_plans`` (see :func:`applied_plans`).
     """
     adapter = get_adapter(model)
     _check_not_quantized(model)
@@ -34,21 +93,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     shapes = adapter.shapes(model)
     head_keeps = plan.validate(shapes)
 
-    for layer_idx, (keep_q, keep_kv) in head_keeps.items():
-        adapter.slice_heads(layers[layer_idx], keep_q, keep_kv)
-    for layer_idx, removed in plan.neurons.items():
-        if removed:
-            gone = set(removed)
-            keep = [i for i in range(shapes[layer_idx].intermediate) if i not in gone]
-            adapter.slice_neurons(layers[layer_idx], keep)
-
-    kept = [i for i in range(len(layers)) if i not in set(plan.layers)]
-    if plan.layers:
-        new_layers = nn.ModuleList([layers[i] for i in kept])
-        for new_idx, layer in enumerate(new_layers):
-            adapter.set_layer_index(layer, new_idx)
-        adapter.set_layers(model, new_layers)
+    _slice_units(adapter, layers, plan, shapes, head_keeps)
+    kept = _drop_layers(adapter, model, plan.layers)
     adapter.rewrite_config(model, kept_layers=kept)
-    history = model.__dict__.setdefault("_prunekit_plans", [])
-    history.append(plan.to_dict())
+    setattr(model, PLANS_ATTR, [*applied_plans(model), copy.deepcopy(plan)])
     return model
+
+
+__all__ = ["PLANS_ATTR", "applied_plans", "apply_plan"]

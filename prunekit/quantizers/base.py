@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from prunekit.core.surgery import PLANS_ATTR, applied_plans
 from prunekit.errors import PrunekitError
 
 QUANTIZED_DIR_ATTR = "_prunekit_quantized_dir"
@@ -150,9 +151,9 @@ def quantize(
     if not ok:
         raise QuantizerUnavailableError(name, reason)
     check_quantizable(model)
-    plans = list(model.__dict__.get("_prunekit_plans", []))
+    plans = applied_plans(model)
     out = quantizer.quantize(model, tokenizer, calib_ids, config)
-    out.__dict__["_prunekit_plans"] = plans
+    setattr(out, PLANS_ATTR, plans)
     info = out.__dict__.setdefault(QUANTIZATION_INFO_ATTR, {})
     info.setdefault("method", name)
     info["config"] = config.to_dict()
@@ -312,7 +313,7 @@ def save_quantized(
             "adapter": adapter.name,
             "model_type": model.config.model_type,
             "layer_shapes": [s.to_dict() for s in adapter.config_shapes(model.config)],
-            "plans": model.__dict__.get("_prunekit_plans", []),
+            "plans": [p.to_dict() for p in applied_plans(model)],
             "versions": {**versions(), **backend_versions()},
             "quantization": {
                 **info,

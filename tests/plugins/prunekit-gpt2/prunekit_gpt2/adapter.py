@@ -2,8 +2,9 @@
 
 What makes GPT-2 differ from the built-in adapters:
 
-- Every projection is a transformers ``Conv1D`` (weight stored ``[in, out]``, attribute ``nf``);
-  :func:`prunekit.core.slicing.slice_linear` already handles that layout.
+- Every projection is a transformers ``Conv1D`` (weight stored ``[in, out]``, attributes ``nf``
+  = out and ``nx`` = in): the adapter overrides ``linear_weight``, ``out_features``,
+  ``in_features`` and ``slice_projection``, so prunekit's core never meets that layout.
 - Query, key and value come from ONE fused projection ``c_attn`` whose output columns are
   ``[q | k | v]``, each ``n_heads * head_dim`` wide and head-major; ``GPT2Attention.forward``
   splits it with ``split_size``. Removing heads therefore keeps the same head columns in each
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters import Adapter, LayerShape, config_global
-from prunekit.core.slicing import head_rows, slice_linear
+from prunekit.adapters import Adapter
+from prunekit.adapters.slicing import Dim, check_dim, head_rows, slice_weight
+from prunekit.core.shapes import LayerShape, config_global
 from prunekit.errors import PruningPlanError
 
 
@@ -75,10 +77,28 @@ class GPT2Adapter(Adapter):
     def head_dim(self, layer: nn.Module) -> int:
         return int(layer.attn.head_dim)
 
+    # ---- Conv1D projections ----------------------------------------------------------------
+    def linear_weight(self, module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Conv1D stores ``[in, out]``: transpose to ``nn.Linear``'s ``[out, in]``."""
+        return (module.weight if tensor is None else tensor).t()
+
+    def out_features(self, module: nn.Module) -> int:
+        return int(module.nf)
+
+    def in_features(self, module: nn.Module) -> int:
+        return int(module.weight.shape[0])
+
+    def slice_projection(self, module: nn.Module, keep: torch.Tensor | list[int], dim: Dim):
+        """Slice a Conv1D: output features are weight columns (and the bias), input features
+        weight rows; ``nf`` / ``nx`` follow."""
+        check_dim(dim)
+        n = slice_weight(module, keep, 1 if dim == "out" else 0, slice_bias=dim == "out")
+        setattr(module, "nf" if dim == "out" else "nx", n)
+
     # ---- geometry ------------------------------------------------------------------------
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         d = self.head_dim(layer)
-        qkv_width = layer.attn.c_attn.weight.shape[1]  # Conv1D: [in, out]
+        qkv_width = self.out_features(layer.attn.c_attn)
         if qkv_width % (3 * d):
             raise ValueError(f"c_attn width {qkv_width} is not 3 * n_heads * head_dim ({d})")
         n_heads = qkv_width // (3 * d)
@@ -86,7 +106,7 @@ class GPT2Adapter(Adapter):
             n_heads=n_heads,
             n_kv_heads=n_heads,
             head_dim=d,
-            intermediate=layer.mlp.c_proj.weight.shape[0],  # Conv1D: [in, out]
+            intermediate=self.in_features(layer.mlp.c_proj),
         )
 
     # ---- surgery -------------------------------------------------------------------------
@@ -101,8 +121,8 @@ class GPT2Adapter(Adapter):
         d, width = shape.head_dim, shape.n_heads * shape.head_dim
         rows = head_rows(keep_q, d)
         fused = torch.cat([rows, rows + width, rows + 2 * width])
-        slice_linear(attn.c_attn, fused, "out")
-        slice_linear(attn.c_proj, rows, "in")
+        self.slice_projection(attn.c_attn, fused, "out")
+        self.slice_projection(attn.c_proj, rows, "in")
         self.set_head_counts(attn, len(keep_q), len(keep_kv), d)
 
     def set_head_counts(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
