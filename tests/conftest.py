@@ -19,38 +19,16 @@ def tiny_config(arch: str):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=5, intermediate_size=96)
+    gqa = dict(num_attention_heads=8, num_key_value_heads=2)
+    windows = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)
     if arch == "llama":
-        return tf.LlamaConfig(
-            **common,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=8,
-            tie_word_embeddings=True,
-        )
+        return tf.LlamaConfig(**common, **gqa, head_dim=8, tie_word_embeddings=True)
     if arch == "mistral":
-        return tf.MistralConfig(
-            **common, num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=4
-        )
+        return tf.MistralConfig(**common, **gqa, head_dim=8, sliding_window=4)
     if arch == "qwen2":
-        return tf.Qwen2Config(
-            **common,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            use_sliding_window=True,
-            sliding_window=4,
-            max_window_layers=2,
-            tie_word_embeddings=True,
-        )
+        return tf.Qwen2Config(**common, **gqa, **windows, tie_word_embeddings=True)
     if arch == "qwen3":
-        return tf.Qwen3Config(
-            **common,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=8,
-            use_sliding_window=True,
-            sliding_window=4,
-            max_window_layers=2,
-        )
+        return tf.Qwen3Config(**common, **gqa, **windows, head_dim=8)
     if arch == "bert":
         return tf.BertConfig(**common, num_attention_heads=4)
     raise ValueError(arch)

@@ -209,3 +209,33 @@ def test_output_dir_is_a_file(tmp_path):
     with pytest.raises(OutputExistsError):
         save_pretrained(tiny_model("llama"), f)
     assert Path(f).read_text() == "x"
+
+
+def test_sidecar_is_built_in_one_place_and_plans_can_be_explicit(tmp_path):
+    from prunekit.core.io import build_sidecar
+
+    plan = PrunePlan(layers=[0], heads={1: [0, 1, 2, 3]})
+    model = apply_plan(tiny_model("llama"), plan)
+    sidecar = build_sidecar(model, extra={"recipe": {"name": "r"}})
+    assert sidecar["plans"] == [plan.to_dict()]
+    assert sidecar["layout"] == "per_layer" and sidecar["adapter"] == "llama"
+    assert sidecar["layer_shapes"] == [s.to_dict() for s in get_adapter(model).shapes(model)]
+    assert sidecar["recipe"] == {"name": "r"} and "transformers" in sidecar["versions"]
+    other = PrunePlan(neurons={0: [1]})
+    out = save_pretrained(model, tmp_path / "m", plans=[other], extra={"note": 1})
+    saved = json.loads((out / "prunekit.json").read_text())
+    assert saved["plans"] == [other.to_dict()] and saved["note"] == 1
+    assert {k: v for k, v in saved.items() if k not in ("plans", "note")} == {
+        k: v for k, v in json.loads(json.dumps(sidecar)).items() if k not in ("plans", "recipe")
+    }
+
+
+def test_weights_size_mb(tmp_path):
+    from prunekit.core.io import weights_size_mb
+
+    assert weights_size_mb(tmp_path / "missing") is None
+    assert weights_size_mb(tmp_path) is None
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 2**20)
+    (tmp_path / "tokenizer.json").write_bytes(b"\0" * 2**20)  # not a weight file
+    assert weights_size_mb(tmp_path) == 1.0
+    assert weights_size_mb(tmp_path / "tokenizer.json") == 1.0

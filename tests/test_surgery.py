@@ -188,3 +188,64 @@ def test_refuses_quantized_model():
     model.is_quantized = True
     with pytest.raises(PruningPlanError, match="quantized"):
         apply_plan(model, PrunePlan(layers=[0]))
+
+
+def test_refuses_model_whose_config_says_quantized():
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(PruningPlanError, match="quantized"):
+        apply_plan(model, PrunePlan(layers=[0]))
+    assert len(get_adapter(model).layers(model)) == 5  # refused before any change
+
+
+def test_applied_plans_are_public_data():
+    """apply_plan records copies of the plans in ``model.prunekit_plans``, oldest first; no
+    private attribute carries them."""
+    from prunekit.core.surgery import applied_plans
+
+    model = tiny_model("llama")
+    assert applied_plans(model) == []
+    first = PrunePlan(layers=[0], meta={"by": "test"})
+    second = PrunePlan(neurons={0: [1, 2]})
+    apply_plan(model, first)
+    apply_plan(model, second)
+    assert model.prunekit_plans == [first, second] == applied_plans(model)
+    first.meta["by"] = "changed later"
+    assert model.prunekit_plans[0].meta == {"by": "test"}
+    assert "_prunekit_plans" not in model.__dict__
+
+
+class _PackedLinear(torch.nn.Module):
+    """Stands for a quantized linear (GPTQModel, AWQ): packed ``qweight``, no ``weight``."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qweight", torch.zeros(linear.in_features // 8, linear.out_features))
+
+
+def test_feature_counts_do_not_need_weight():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    dense = adapter.shapes(model)
+    for layer in adapter.layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, _PackedLinear(getattr(attn, name)))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, _PackedLinear(getattr(mlp, name)))
+    assert adapter.shapes(model) == dense
+
+
+def test_linear_layout_hooks_default_to_nn_linear():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    proj = adapter.layers(model)[0].mlp.down_proj
+    assert adapter.linear_weight(proj) is proj.weight
+    grad = torch.ones_like(proj.weight)
+    assert adapter.linear_weight(proj, grad) is grad
+    assert (adapter.out_features(proj), adapter.in_features(proj)) == tuple(proj.weight.shape)
+    adapter.slice_projection(proj, [0, 2], "in")
+    assert proj.weight.shape[1] == proj.in_features == 2
+    with pytest.raises(ValueError, match="dim"):
+        adapter.slice_projection(proj, [0], "rows")

@@ -9,6 +9,7 @@ slicing goes through :meth:`Adapter.slice_projection` (by default
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,20 @@ from torch import nn
 
 from prunekit.adapters.slicing import Dim, head_rows, slice_linear
 from prunekit.core.shapes import LayerShape, config_global
+from prunekit.hookspecs import hookimpl
+
+
+def config_key_names(
+    n_layers: str, n_heads: str, intermediate: str, n_kv_heads: str = ""
+) -> dict[str, str]:
+    """:attr:`Adapter.config_keys` from an architecture's config attribute names; an empty
+    ``n_kv_heads`` means multi-head attention (no separate KV head count)."""
+    return {
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "intermediate": intermediate,
+    }
 
 
 class Adapter:
@@ -31,19 +46,22 @@ class Adapter:
     #: whether the config has an explicit ``head_dim`` so head counts can change in a stock config
     explicit_head_dim: ClassVar[bool] = True
     #: config keys for the layer count and the per-layer sizes
-    config_keys: ClassVar[dict[str, str]] = {
-        "n_layers": "num_hidden_layers",
-        "n_heads": "num_attention_heads",
-        "n_kv_heads": "num_key_value_heads",
-        "intermediate": "intermediate_size",
-    }
+    config_keys: ClassVar[dict[str, str]] = config_key_names(
+        "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_key_value_heads"
+    )
+    #: attribute of :meth:`layer_container` that holds the ``nn.ModuleList`` of layers
+    layers_attr: ClassVar[str] = "layers"
 
     # ---- where things live (override per architecture) ---------------------------------
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layer_container(self, model: nn.Module) -> nn.Module:
+        """The module whose ``layers_attr`` attribute is the list of transformer layers."""
         raise NotImplementedError
 
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return getattr(self.layer_container(model), self.layers_attr)
+
     def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        raise NotImplementedError
+        setattr(self.layer_container(model), self.layers_attr, layers)
 
     def attention(self, layer: nn.Module) -> nn.Module:
         """The attention module of a layer (holds head-count attributes and ``layer_idx``)."""
@@ -249,14 +267,8 @@ class DecoderAdapter(Adapter):
     """Llama-style decoder: ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and
     ``.mlp.{gate,up,down}_proj``. Works for ``*ForCausalLM`` and the bare ``*Model``."""
 
-    def _base(self, model: nn.Module) -> nn.Module:
+    def layer_container(self, model: nn.Module) -> nn.Module:
         return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return self._base(model).layers
-
-    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        self._base(model).layers = layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
@@ -275,4 +287,17 @@ class DecoderAdapter(Adapter):
         return layer.mlp.down_proj
 
 
-__all__ = ["Adapter", "DecoderAdapter"]
+def adapter_hook(*adapters: type[Adapter]) -> Callable[[Callable[[Any], None]], None]:
+    """A ``register_adapters`` hook implementation that registers one instance of each class
+    in ``adapters``; a built-in adapter module ends with
+    ``register_adapters = adapter_hook(MyAdapter)``."""
+
+    @hookimpl(specname="register_adapters")
+    def register_adapters(register: Callable[[Any], None]) -> None:
+        for cls in adapters:
+            register(cls())
+
+    return register_adapters
+
+
+__all__ = ["Adapter", "DecoderAdapter", "adapter_hook", "config_key_names"]

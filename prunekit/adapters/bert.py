@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunekit.adapters.base import Adapter
-from prunekit.hookspecs import hookimpl
+from prunekit.adapters.base import Adapter, adapter_hook, config_key_names
 
 
 class BertAdapter(Adapter):
@@ -17,22 +16,11 @@ class BertAdapter(Adapter):
     causal = False
     gated = False
     explicit_head_dim = False
-    config_keys = {
-        "n_layers": "num_hidden_layers",
-        "n_heads": "num_attention_heads",
-        "n_kv_heads": "",
-        "intermediate": "intermediate_size",
-    }
+    config_keys = config_key_names("num_hidden_layers", "num_attention_heads", "intermediate_size")
+    layers_attr = "layer"
 
-    def _encoder(self, model: nn.Module) -> nn.Module:
-        base = getattr(model, "bert", model)
-        return base.encoder
-
-    def layers(self, model):
-        return self._encoder(model).layer
-
-    def set_layers(self, model, layers):
-        self._encoder(model).layer = layers
+    def layer_container(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "bert", model).encoder
 
     def attention(self, layer):
         return layer.attention.self
@@ -58,6 +46,4 @@ class BertAdapter(Adapter):
         attn.all_head_size = n_heads * head_dim
 
 
-@hookimpl
-def register_adapters(register):
-    register(BertAdapter())
+register_adapters = adapter_hook(BertAdapter)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prunekit.adapters.base import DecoderAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.adapters.base import DecoderAdapter, adapter_hook
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -11,6 +10,4 @@ class LlamaAdapter(DecoderAdapter):
     model_types = ("llama",)
 
 
-@hookimpl
-def register_adapters(register):
-    register(LlamaAdapter())
+register_adapters = adapter_hook(LlamaAdapter)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prunekit.adapters.base import DecoderAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.adapters.base import DecoderAdapter, adapter_hook
 
 
 class MistralAdapter(DecoderAdapter):
@@ -11,6 +10,4 @@ class MistralAdapter(DecoderAdapter):
     model_types = ("mistral",)
 
 
-@hookimpl
-def register_adapters(register):
-    register(MistralAdapter())
+register_adapters = adapter_hook(MistralAdapter)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prunekit.adapters.base import DecoderAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.adapters.base import DecoderAdapter, adapter_hook
 
 
 class Qwen2Adapter(DecoderAdapter):
@@ -11,6 +10,4 @@ class Qwen2Adapter(DecoderAdapter):
     model_types = ("qwen2",)
 
 
-@hookimpl
-def register_adapters(register):
-    register(Qwen2Adapter())
+register_adapters = adapter_hook(Qwen2Adapter)

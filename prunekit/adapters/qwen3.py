@@ -3,8 +3,7 @@ untouched by head slicing) and auto-filled ``layer_types``."""
 
 from __future__ import annotations
 
-from prunekit.adapters.base import DecoderAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.adapters.base import DecoderAdapter, adapter_hook
 
 
 class Qwen3Adapter(DecoderAdapter):
@@ -12,6 +11,4 @@ class Qwen3Adapter(DecoderAdapter):
     model_types = ("qwen3",)
 
 
-@hookimpl
-def register_adapters(register):
-    register(Qwen3Adapter())
+register_adapters = adapter_hook(Qwen3Adapter)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.core.jsonfile import read_json_object
 from prunekit.core.shapes import LayerShape
 from prunekit.errors import PruningPlanError
 
@@ -75,19 +76,8 @@ class PrunePlan:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> PrunePlan:
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
-            path = Path(text_or_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"plan file {path} does not exist")
-            text = path.read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PruningPlanError(f"plan is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise PruningPlanError("plan JSON must be an object with layers/heads/neurons")
-        return cls.from_dict(data)
+        """Read a plan from inline JSON or a file (``FileNotFoundError`` if it is missing)."""
+        return cls.from_dict(read_json_object(text_or_path, "plan", PruningPlanError))
 
     def is_empty(self) -> bool:
         return not (self.layers or any(self.heads.values()) or any(self.neurons.values()))

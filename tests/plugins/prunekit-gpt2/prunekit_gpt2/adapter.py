@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters import Adapter
+from prunekit.adapters.base import Adapter, config_key_names
 from prunekit.adapters.slicing import Dim, check_dim, head_rows, slice_weight
 from prunekit.core.shapes import LayerShape, config_global
 from prunekit.errors import PruningPlanError
@@ -34,28 +34,17 @@ from prunekit.errors import PruningPlanError
 class GPT2Adapter(Adapter):
     name = "gpt2"
     model_types = ("gpt2",)
-    causal = True
     gated = False
     explicit_head_dim = False
-    config_keys = {
-        "n_layers": "n_layer",
-        "n_heads": "n_head",
-        "n_kv_heads": "",  # multi-head attention: no separate KV head count
-        "intermediate": "n_inner",
-    }
+    config_keys = config_key_names("n_layer", "n_head", "n_inner")  # MHA: no KV head count
+    layers_attr = "h"
 
     # ---- where things live ---------------------------------------------------------------
-    def _base(self, model: nn.Module) -> nn.Module:
+    def layer_container(self, model: nn.Module) -> nn.Module:
         """``GPT2LMHeadModel`` (and the other heads) keep the body in ``.transformer``; the bare
         ``GPT2Model`` is the body."""
         body = getattr(model, "transformer", None)
         return body if body is not None and hasattr(body, "h") else model
-
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return self._base(model).h
-
-    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        self._base(model).h = layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.attn
