@@ -1,0 +1,343 @@
+"""Training-free healing of removed layers by block linearization (ReplaceMe).
+
+ReplaceMe (Shopkhoev et al., NeurIPS 2025, arXiv 2505.02819) replaces a contiguous run of
+removed transformer layers by one linear map estimated on calibration activations and folds
+that map into the layer just before the run, so the healed model has no new parameter and a
+stock config.
+
+Derivation (pre-norm decoder: Llama, Mistral, Qwen2/3, ...)
+-----------------------------------------------------------
+Layer ``k`` computes ``h_k = x_k + Attn_k(norm(x_k))`` and ``L_k = h_k + M_k`` with the MLP
+output ``M_k = a_k W_kᵀ + b_k`` (``W_k``/``b_k``: weight and bias of ``down_proj``, ``a_k`` its
+input). Remove the run of layers ``s..e``; the last kept layer before it is ``p = s - 1`` and
+the dense model hands ``Y = L_e`` to layer ``e + 1``. After removal layer ``e + 1`` receives
+``L_p = h_p + M_p`` instead.
+
+The only thing that can change without a new parameter is ``down_proj`` of layer ``p``:
+replacing ``W_p, b_p`` by ``Tᵀ W_p, Tᵀ b_p`` turns layer ``p``'s MLP output into ``M_p T`` (an
+exact identity: ``(a Wᵀ + b) T = a (TᵀW)ᵀ + Tᵀb``), while ``h_p`` -- the residual stream
+including ``x_p`` -- cannot be transformed by any weight of layer ``p``. The healed model
+therefore hands ``h_p + M_p T`` to layer ``e + 1``, and the map to estimate is::
+
+    T = argmin_T  Σ_tokens ‖ M_p T − (Y − h_p) ‖²  + λ ‖T‖²
+      = (M_pᵀ M_p + λ I)⁻¹ M_pᵀ (Y − h_p)
+
+with ``h_p = L_p − M_p`` (the input of layer ``s`` minus ``M_p``). This is the paper's
+least-squares estimator: regressor the MLP output of the preceding layer, target the block's
+output minus the residual that bypasses the MLP. If the dense block satisfies
+``L_e − h_p = M_p T*`` for some ``T*`` (the removed run adds to the stream only a linear
+function of ``M_p``), the fit recovers ``T*`` and the healed model equals the dense model
+exactly -- ``tests/test_heal.py`` builds such a model. Only the Gram matrix ``M_pᵀM_p`` and the
+cross term ``M_pᵀ(Y − h_p)`` are accumulated, in float64, batch by batch; the solve is in
+float64 with ridge ``λ = ridge · trace(MᵀM) / d``; the fold is done in float64 and cast back to
+the model's dtype.
+
+The **cosine** estimator (the paper's second one) minimises the mean cosine distance between
+the healed and the dense block output, ``1 − cos(h_p + M_p T, Y)`` per token. It has no closed
+form and the accumulated statistics do not determine it, so a uniform random subsample of at
+most ``cosine_tokens`` calibration tokens per run is kept and ``cosine_steps`` full-batch Adam
+steps run from the least-squares solution (which is therefore never worse than its start on
+that subsample).
+
+Several runs (a non-contiguous selection) are all fitted on the *dense* model in one pass, as
+ReplaceMe does. A run that starts at layer 0 has no preceding layer to fold into and is
+refused. Post-norm models (BERT: ``L = LayerNorm(h + M)``) are refused too: the normalisation
+after the sum is not linear, so no map folded into the output dense reproduces the block.
+
+Block selection by healed loss (:func:`select_block_by_heal_residual`): for every candidate
+block of ``n`` layers the same statistics give, in closed form, the squared residual of the
+best map, ``‖Y − h_p‖² − 2 tr(TᵀC) + tr(TᵀGT)``; one forward pass accumulates them for every
+start at once, and the block whose relative residual ``residual / ‖Y‖²`` is smallest is the
+one the healed model loses least on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.core.capture import Accumulator, capture
+from prunekit.core.plan import PrunePlan
+from prunekit.core.surgery import applied_plans, apply_plan
+from prunekit.errors import PruningPlanError
+from prunekit.plugins import get_adapter
+
+Run = tuple[int, int]  # (first removed layer, last removed layer), original indices, inclusive
+OBJECTIVES = ("lstsq", "cosine")
+
+
+def layer_runs(removed: Iterable[int]) -> list[Run]:
+    """Split removed layer indices into maximal contiguous runs: ``[3, 4, 7]`` ->
+    ``[(3, 4), (7, 7)]``."""
+    runs: list[list[int]] = []
+    for i in sorted(set(int(x) for x in removed)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [(a, b) for a, b in runs]
+
+
+def _check_healable(model: nn.Module, runs: Sequence[Run]) -> None:
+    """Refuse what cannot be folded, before anything is computed or modified."""
+    adapter = get_adapter(model)
+    if not getattr(adapter, "pre_norm", adapter.causal):
+        raise PruningPlanError(
+            f"linear healing needs a pre-norm decoder; {adapter.name!r} is post-norm (its "
+            "layer output is LayerNorm(h + M), which no map folded into the output dense "
+            "reproduces). Remove layers without --heal, or recover by fine-tuning.",
+            entry="heal",
+        )
+    if applied_plans(model):
+        raise PruningPlanError(
+            "the model was already pruned; fit and fold the maps on the unpruned model (plans "
+            "index its original layers), then apply the plan",
+            entry="heal",
+        )
+    n_layers = len(adapter.layers(model))
+    for first, last in runs:
+        if first < 1 or last >= n_layers or first > last:
+            raise PruningPlanError(
+                f"cannot heal run {first}..{last} of a {n_layers}-layer model: it needs a kept "
+                "layer before it to fold into (keep layer 0)",
+                entry="heal",
+            )
+
+
+def _down_output(adapter, layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """``down_proj(a)`` computed functionally (calling the module would re-enter the hook)."""
+    proj = adapter.neuron_output_projection(layer)
+    return nn.functional.linear(a, adapter.linear_weight(proj), getattr(proj, "bias", None))
+
+
+def _flat64(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+@dataclass
+class RunStats:
+    """Streaming statistics of one run: ``G = MᵀM``, ``C = Mᵀ(Y − h)``, ``tt = ‖Y − h‖²``,
+    ``yy = ‖Y‖²`` (float64), plus an optional token subsample for the cosine objective."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    tt: float = 0.0
+    yy: float = 0.0
+    n_tokens: int = 0
+    sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, d: int, device: torch.device) -> RunStats:
+        z = torch.zeros(d, d, dtype=torch.float64, device=device)
+        return cls(gram=z, cross=z.clone())
+
+    def add(self, m: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> None:
+        self.gram += m.T @ m
+        self.cross += m.T @ target
+        self.tt += float((target * target).sum())
+        self.yy += float((y * y).sum())
+        self.n_tokens += m.shape[0]
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """The ridge least-squares map ``T`` (float64, ``[d, d]``)."""
+        d = self.gram.shape[0]
+        if ridge <= 0:
+            return torch.linalg.lstsq(self.gram, self.cross).solution
+        lam = ridge * float(torch.trace(self.gram)) / d
+        eye = torch.eye(d, dtype=torch.float64, device=self.gram.device)
+        return torch.linalg.solve(self.gram + lam * eye, self.cross)
+
+    def residual(self, t: torch.Tensor) -> float:
+        """``‖(Y − h) − M T‖²`` summed over the calibration tokens, from the statistics."""
+        r = self.tt - 2 * float((t * self.cross).sum()) + float((t * (self.gram @ t)).sum())
+        return max(r, 0.0)
+
+
+class _HealAccumulator(Accumulator):
+    """Collects :class:`RunStats` for runs ``(first, last)`` during :func:`capture`."""
+
+    taps = frozenset({"layer_io", "neuron_inputs"})
+
+    def __init__(self, adapter, runs: Sequence[Run], d: int, device, sample_fraction: float = 0):
+        self.adapter = adapter
+        self.runs = list(runs)
+        self.stats = {r: RunStats.zeros(d, device) for r in self.runs}
+        self.before = {r[0] - 1 for r in self.runs}
+        self.mlp_out: dict[int, torch.Tensor] = {}  # p -> M_p of the current batch
+        self.resid: dict[Run, tuple[torch.Tensor, torch.Tensor]] = {}  # run -> (M_p, h_p)
+        self.sample_fraction = sample_fraction
+        self.rng = random.Random(0)
+
+    def on_neuron_inputs(self, i: int, a: torch.Tensor, layer: nn.Module) -> None:
+        if i in self.before:
+            self.mlp_out[i] = _flat64(_down_output(self.adapter, layer, a))
+
+    def on_layer_io(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor, rows: slice) -> None:
+        for run in self.runs:
+            if run[0] == i:
+                m = self.mlp_out[i - 1]
+                self.resid[run] = (m, _flat64(x_in) - m)
+            if run[1] == i:
+                m, h = self.resid.pop(run)
+                y = _flat64(x_out)
+                self.stats[run].add(m, y - h, y)
+                if self.sample_fraction > 0:
+                    self._keep_sample(run, m, h, y)
+
+    def _keep_sample(self, run: Run, m, h, y) -> None:
+        """Uniform token subsample (same fraction of every batch) for the cosine objective."""
+        k = min(m.shape[0], max(1, round(self.sample_fraction * m.shape[0])))
+        idx = torch.tensor(sorted(self.rng.sample(range(m.shape[0]), k)), device=m.device)
+        self.stats[run].sample.append((m[idx].float(), h[idx].float(), y[idx].float()))
+
+    def end_batch(self) -> None:
+        self.mlp_out.clear()
+
+    def result(self) -> dict[Run, RunStats]:
+        return self.stats
+
+
+def accumulate_run_stats(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    runs: Sequence[Run],
+    *,
+    sample_tokens: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[Run, RunStats]:
+    """One forward pass over ``calib_ids`` accumulating :class:`RunStats` for every run (and a
+    uniform subsample of about ``sample_tokens`` tokens per run when it is positive)."""
+    adapter = get_adapter(model)
+    d = adapter.out_features(adapter.neuron_output_projection(adapter.layers(model)[0]))
+    device = next(model.parameters()).device
+    fraction = min(1.0, sample_tokens / max(1, calib_ids.numel()))
+    acc = _HealAccumulator(adapter, runs, d, device, fraction)
+    capture(model, calib_ids, [acc], batch_size=batch_size, progress=progress)
+    return acc.result()
+
+
+def _cosine_refine(stats: RunStats, t0: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """Adam on ``mean(1 − cos(h + M T, Y))`` over the kept token subsample, from ``t0``."""
+    m, h, y = (torch.cat(parts) for parts in zip(*stats.sample, strict=True))
+    t = t0.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([t], lr=lr)
+    best, best_loss = t0.clone(), float("inf")
+    for _ in range(steps + 1):
+        with torch.enable_grad():
+            loss = 1 - nn.functional.cosine_similarity(h + m @ t, y, dim=-1).mean()
+            if loss.item() < best_loss:
+                best, best_loss = t.detach().to(torch.float64).clone(), loss.item()
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+    return best
+
+
+def fit_linear_heal(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    removed_layers: Iterable[int],
+    *,
+    ridge: float = 1e-4,
+    objective: str = "lstsq",
+    batch_size: int = 8,
+    progress: bool = False,
+    cosine_tokens: int = 8192,
+    cosine_steps: int = 200,
+    cosine_lr: float = 1e-4,
+) -> dict[Run, torch.Tensor]:
+    """Fit one linear map per contiguous run of ``removed_layers`` (see the module docstring).
+
+    Returns ``{(first, last): T}`` with ``T`` a float64 ``[hidden, hidden]`` tensor, indexed by
+    the original layer numbers; fold the maps with :func:`apply_linear_heal` before applying
+    the plan. ``ridge`` is relative to the mean eigenvalue of ``MᵀM`` (0: plain least squares);
+    ``objective="cosine"`` refines the least-squares map on the paper's cosine objective.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    runs = layer_runs(removed_layers)
+    _check_healable(model, runs)
+    if not runs:
+        return {}
+    sample = cosine_tokens if objective == "cosine" else 0
+    stats = accumulate_run_stats(
+        model, calib_ids, runs, batch_size=batch_size, progress=progress, sample_tokens=sample
+    )
+    maps = {}
+    for run, s in stats.items():
+        t = s.solve(ridge)
+        maps[run] = _cosine_refine(s, t, cosine_steps, cosine_lr) if sample else t
+    return maps
+
+
+@torch.no_grad()
+def apply_linear_heal(model: nn.Module, maps: dict[Run, torch.Tensor]) -> nn.Module:
+    """Fold each run's map into ``down_proj`` of the layer before the run, in place (weight and
+    bias become ``Tᵀ W`` and ``Tᵀ b``; the model's dtype is kept). The model must still have
+    its original layers: call this *before* :func:`prunekit.apply_plan` removes the runs."""
+    _check_healable(model, list(maps))
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    for (first, _last), t in maps.items():
+        proj = adapter.neuron_output_projection(layers[first - 1])
+        weight = adapter.linear_weight(proj)
+        t = t.to(device=weight.device, dtype=torch.float64)
+        weight.copy_((t.T @ weight.to(torch.float64)).to(weight.dtype))
+        bias = getattr(proj, "bias", None)
+        if bias is not None:
+            bias.copy_((t.T @ bias.to(torch.float64)).to(bias.dtype))
+    return model
+
+
+def heal_and_remove(
+    model: nn.Module, calib_ids: torch.Tensor, removed_layers: Iterable[int], **fit_kwargs
+) -> nn.Module:
+    """Fit the maps, fold them, and remove ``removed_layers`` with :func:`prunekit.apply_plan`."""
+    removed = sorted(set(removed_layers))
+    apply_linear_heal(model, fit_linear_heal(model, calib_ids, removed, **fit_kwargs))
+    return apply_plan(model, PrunePlan(layers=removed))
+
+
+def select_block_by_heal_residual(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    n: int,
+    *,
+    ridge: float = 1e-4,
+    protect_last: bool = True,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[int], torch.Tensor]:
+    """Choose the contiguous block of ``n`` layers whose removal linear healing repairs best.
+
+    For every start ``s`` (``1 <= s``; the block ends before the last layer when
+    ``protect_last``) one forward pass accumulates the block's :class:`RunStats`; the score of
+    the block is the relative squared residual of its best ridge map,
+    ``‖(Y − h) − M T‖² / ‖Y‖²`` (module docstring). Returns the chosen layers and the score
+    per start (``inf`` where no block may start; lower = better to remove).
+    """
+    adapter = get_adapter(model)
+    n_layers = len(adapter.layers(model))
+    last_end = n_layers - (2 if protect_last else 1)
+    runs = [(s, s + n - 1) for s in range(1, n_layers) if s + n - 1 <= last_end]
+    if n < 1 or not runs:
+        raise PruningPlanError(
+            f"no block of {n} layers fits a {n_layers}-layer model with layer 0"
+            + (" and the last layer" if protect_last else "")
+            + " kept",
+            entry="layers",
+        )
+    _check_healable(model, runs)
+    stats = accumulate_run_stats(model, calib_ids, runs, batch_size=batch_size, progress=progress)
+    scores = torch.full((n_layers,), float("inf"), dtype=torch.float64)
+    for (s, _e), st in stats.items():
+        scores[s] = st.residual(st.solve(ridge)) / max(st.yy, 1e-300)
+    best = int(torch.argmin(scores))
+    return list(range(best, best + n)), scores

@@ -1,0 +1,170 @@
+"""Training-free healing by block linearization (ReplaceMe): fit, fold, select, save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, logits, tiny_config, tiny_model
+
+from prunekit import PrunePlan, PruningPlanError, apply_plan, save_pretrained
+from prunekit.core.heal import (
+    accumulate_run_stats,
+    apply_linear_heal,
+    fit_linear_heal,
+    heal_and_remove,
+    layer_runs,
+    select_block_by_heal_residual,
+)
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, VOCAB, (6, 16), generator=g)
+
+
+def linear_block_model() -> torch.nn.Module:
+    """A float64 Llama whose layers 2..3 add to the stream only a linear function of layer 1's
+    MLP output ``M_1`` -- exactly the quantity ReplaceMe regresses on -- so healing run (2, 3)
+    must reproduce the dense model.
+
+    The residual stream is split in two halves: everything up to layer 1's attention writes
+    only to features [0, 32) (embeddings, o_proj and down_proj rows), layer 1's down_proj only
+    to [32, 64), so ``h_1`` and ``M_1`` live in disjoint halves. In layers 2 and 3 attention is
+    off (o_proj = 0), the gate is a constant (weight 0, bias c), up_proj reads only features
+    [32, 64), and the post-attention RMSNorm is made linear (eps 1e30 dominates the mean square,
+    weight 1e15 = sqrt(eps) undoes the scale): the MLP is ``x[32:] -> W_d (silu(c) * W_u x)``.
+    """
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.mlp_bias, config.tie_word_embeddings = True, False
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config).double().eval()
+    half = 32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
+        model.model.embed_tokens.weight[:, half:] = 0
+        layers = model.model.layers
+        for i in (0, 1):
+            layers[i].self_attn.o_proj.weight[half:] = 0
+        layers[0].mlp.down_proj.weight[half:] = 0
+        layers[0].mlp.down_proj.bias[half:] = 0
+        layers[1].mlp.down_proj.weight[:half] = 0
+        layers[1].mlp.down_proj.bias[:half] = 0
+        for i in (2, 3):
+            layer = layers[i]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.gate_proj.weight.zero_()
+            layer.mlp.up_proj.weight[:, :half] = 0
+            layer.mlp.up_proj.bias.zero_()
+            layer.mlp.down_proj.bias.zero_()
+            layer.post_attention_layernorm.variance_epsilon = 1e30
+            layer.post_attention_layernorm.weight.fill_(1e15)
+    return model
+
+
+def test_layer_runs():
+    assert layer_runs([7, 3, 4, 4]) == [(3, 4), (7, 7)]
+    assert layer_runs([]) == []
+
+
+def test_exactly_linear_block_heals_to_dense(calib):
+    model = linear_block_model()
+    dense = logits(model, calib)
+    plain = logits(apply_plan(linear_block_model(), PrunePlan(layers=[2, 3])), calib)
+    assert (plain - dense).abs().max() > 1e-2  # removal alone changes the model
+    heal_and_remove(model, calib, [2, 3], ridge=1e-12, batch_size=2)
+    assert model.config.num_hidden_layers == 3
+    torch.testing.assert_close(logits(model, calib), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_selector_finds_the_linear_block(calib):
+    model = linear_block_model()
+    layers, scores = select_block_by_heal_residual(model, calib, 2, ridge=1e-12)
+    assert layers == [2, 3]
+    assert scores[2] < 1e-12 < scores[1]
+    assert torch.isinf(scores[0]) and torch.isinf(scores[3])  # layer 0 and last layer kept
+
+
+def _kl_to_dense(model, dense_logits, ids) -> float:
+    logp = torch.log_softmax(logits(model, ids), -1)
+    p_dense = torch.softmax(dense_logits, -1)
+    return float((p_dense * (torch.log(p_dense) - logp)).sum(-1).mean())
+
+
+def _lm_loss(model, ids) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("removed", [[2, 3], [1, 3]])
+def test_healing_lowers_calibration_loss(calib, removed):
+    dense = tiny_model("llama").double()
+    dense_logits = logits(dense, calib)
+    plain = apply_plan(tiny_model("llama").double(), PrunePlan(layers=removed))
+    healed = heal_and_remove(tiny_model("llama").double(), calib, removed)
+    assert _kl_to_dense(healed, dense_logits, calib) < 0.5 * _kl_to_dense(
+        plain, dense_logits, calib
+    )
+    assert _lm_loss(healed, calib) < _lm_loss(plain, calib)
+
+
+def test_accumulated_fit_equals_lstsq_on_all_activations(calib):
+    model = tiny_model("llama").double()
+    captured = {}
+    hook = model.model.layers[1].mlp.register_forward_hook(
+        lambda m, a, out: captured.setdefault("m", out)
+    )
+    with torch.no_grad():
+        hidden = model(input_ids=calib, output_hidden_states=True).hidden_states
+    hook.remove()
+    m = captured["m"].reshape(-1, 64)
+    h = hidden[2].reshape(-1, 64) - m  # input of layer 2 minus layer 1's MLP output
+    y = hidden[4].reshape(-1, 64)  # output of layer 3
+    direct = torch.linalg.lstsq(m, y - h).solution
+    maps = fit_linear_heal(model, calib, [2, 3], ridge=0.0, batch_size=4)
+    torch.testing.assert_close(maps[(2, 3)], direct, atol=1e-8, rtol=1e-8)
+    stats = accumulate_run_stats(model, calib, [(2, 3)], batch_size=4)[(2, 3)]
+    direct_residual = float(((m @ direct - (y - h)) ** 2).sum())
+    assert stats.residual(direct) == pytest.approx(direct_residual, rel=1e-6)
+
+
+def test_cosine_objective_improves_cosine_over_lstsq(calib):
+    model = tiny_model("llama")
+    ls = fit_linear_heal(model, calib, [2, 3])
+    cos = fit_linear_heal(model, calib, [2, 3], objective="cosine", cosine_steps=30)
+    stats = accumulate_run_stats(model, calib, [(2, 3)], sample_tokens=10**6)[(2, 3)]
+    m, h, y = (torch.cat(p).double() for p in zip(*stats.sample, strict=True))
+
+    def cos_loss(t):
+        return float(1 - torch.nn.functional.cosine_similarity(h + m @ t, y, dim=-1).mean())
+
+    assert cos_loss(cos[(2, 3)]) < cos_loss(ls[(2, 3)])
+
+
+def test_healed_model_reloads_in_stock_transformers(calib, tmp_path):
+    import transformers as tf
+
+    model = heal_and_remove(tiny_model("llama"), calib, [2, 3])
+    assert model.dtype == torch.float32
+    save_pretrained(model, tmp_path / "healed")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "healed", attn_implementation="eager"
+    ).eval()
+    assert reloaded.config.num_hidden_layers == 3
+    torch.testing.assert_close(logits(reloaded, calib), logits(model, calib), atol=0, rtol=0)
+
+
+def test_refusals(calib):
+    with pytest.raises(PruningPlanError, match="kept layer before it"):
+        fit_linear_heal(tiny_model("llama"), calib, [0, 1])
+    with pytest.raises(PruningPlanError, match="post-norm"):
+        fit_linear_heal(tiny_model("bert"), calib, [2])
+    pruned = apply_plan(tiny_model("llama"), PrunePlan(layers=[4]))
+    with pytest.raises(PruningPlanError, match="already pruned"):
+        apply_linear_heal(pruned, {(2, 2): torch.eye(64, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="objective"):
+        fit_linear_heal(tiny_model("llama"), calib, [2], objective="l1")
