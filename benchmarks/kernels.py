@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from prunekit.commands.bench_kernels import add_timing_arguments
+
 # (hidden, n_heads, n_kv_heads, head_dim, intermediate, pruned n_heads, pruned n_kv_heads)
 LLAMA_7B = (4096, 32, 8, 128, 11008, 24, 6)
 # the same proportions at 1/4 of the width, for CPUs
@@ -54,29 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         help="1/4-width layer and 512 tokens, so a CPU finishes in about a minute",
     )
     parser.add_argument("--out-dir", default="bench-kernels", help="where kernels.csv/png go")
-    parser.add_argument(
-        "--seq-len",
-        type=int,
-        default=None,
-        help="attention sequence length (default 2048, 512 with --small)",
+    add_timing_arguments(
+        parser,
+        seq_len_help="attention sequence length (default 2048, 512 with --small)",
+        repeats_default=None,
+        repeats_help="timed runs on CPU (default 10, 5 with --small; GPU: do_bench)",
     )
-    parser.add_argument("--batch", type=int, default=1, help="attention batch size")
-    parser.add_argument(
-        "--tokens", type=int, default=None, help="MLP tokens (default batch * seq-len)"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="timed runs on CPU (default 10, 5 with --small; GPU: do_bench)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        default=None,
-        help="default float16 on a GPU, float32 on a CPU",
-    )
-    parser.add_argument("--device", default=None, help="e.g. cuda:1 or cpu (default: auto)")
     args = parser.parse_args(argv)
 
     try:

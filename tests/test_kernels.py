@@ -311,29 +311,29 @@ def test_bench_rows_speedups_flops_and_rounding_notes():
 
 
 def test_rounded_head_counts_keep_whole_kv_groups():
-    from prunekit.kernels.bench import LayerShape, _rounded_heads
+    from prunekit.kernels.shapes import KernelShape, rounded_heads
 
-    smol = LayerShape("pruned", hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1)
-    assert _rounded_heads(smol, 64) == 9
-    assert _rounded_heads(smol, 128) == 12  # 10 and 11 heads would split KV groups
-    llama = LayerShape("p", hidden=4096, n_heads=24, n_kv_heads=6, head_dim=128, intermediate=1)
-    assert _rounded_heads(llama, 128) == 24
+    smol = KernelShape("pruned", hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1)
+    assert rounded_heads(smol, 64) == 9
+    assert rounded_heads(smol, 128) == 12  # 10 and 11 heads would split KV groups
+    llama = KernelShape("p", hidden=4096, n_heads=24, n_kv_heads=6, head_dim=128, intermediate=1)
+    assert rounded_heads(llama, 128) == 24
 
 
 def test_layer_shape_validation_names_the_field():
-    from prunekit.kernels.bench import LayerShape
+    from prunekit.kernels.shapes import KernelShape
 
     with pytest.raises(ValueError, match="n_heads .9. must be a multiple of n_kv_heads .2."):
-        LayerShape("dense", hidden=8, n_heads=9, n_kv_heads=2, head_dim=16, intermediate=4)
+        KernelShape("dense", hidden=8, n_heads=9, n_kv_heads=2, head_dim=16, intermediate=4)
     with pytest.raises(ValueError, match="intermediate must be an integer >= 1"):
-        LayerShape("dense", hidden=8, n_heads=2, n_kv_heads=2, head_dim=16, intermediate=0)
+        KernelShape("dense", hidden=8, n_heads=2, n_kv_heads=2, head_dim=16, intermediate=0)
     with pytest.raises(ValueError, match="unknown layer-shape keys .'width'."):
-        LayerShape.coerce({**_shape("dense"), "width": 3})
-    assert LayerShape.coerce(_shape("dense", gated=False)).causal is False  # BERT: encoder
+        KernelShape.coerce({**_shape("dense"), "width": 3})
+    assert KernelShape.coerce(_shape("dense", gated=False)).causal is False  # BERT: encoder
 
 
 def test_csv_and_png_writers(tmp_path):
-    from prunekit.kernels.bench import COLUMNS, plot, write_csv
+    from prunekit.kernels.output import COLUMNS, plot, write_csv
 
     row = {c: None for c in COLUMNS}
     row.update(label="dense", op="gated_mlp", shape="s", provider="torch", ms=1.0, ms_p20=0.9)
@@ -349,6 +349,28 @@ def test_csv_and_png_writers(tmp_path):
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.png"]  # no temp files
+
+
+def test_kernel_shape_from_core_layer_shape_and_plot_leaves_pyplot_alone(tmp_path):
+    """A core LayerShape becomes a timing shape with the adapter's kinds; plotting draws on its
+    own Figure and neither imports pyplot nor switches the process-wide backend."""
+    import matplotlib
+
+    from prunekit.core.shapes import LayerShape
+    from prunekit.kernels.bench import bench_layer_shapes
+    from prunekit.kernels.output import plot
+    from prunekit.kernels.shapes import KernelShape
+
+    layer = LayerShape(n_heads=6, n_kv_heads=3, head_dim=16, intermediate=66)
+    shape = KernelShape.from_layer(layer, label="pruned", hidden=96, gated=False, causal=False)
+    assert shape == KernelShape("pruned", 96, 6, 3, 16, 66, gated=False, causal=False)
+    rows = bench_layer_shapes([shape], seq_len=4, repeats=1, device="cpu")
+    assert [(r["op"], r["width"]) for r in rows] == [("gelu_mlp", 66), ("attention", 96)]
+    backend = matplotlib.get_backend()
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    plot(rows, tmp_path / "k.png")
+    assert matplotlib.get_backend() == backend
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +396,8 @@ def _tiny_llama(tmp_path: Path) -> tuple[Path, object]:
     return dense, model
 
 
+#: A short CPU timing: 12 tokens, one repeat.
+FAST_CPU = ("--seq-len", "12", "--repeats", "1", "--device", "cpu")
 PLAN = {"layers": [3], "heads": {"0": [2, 3], "1": [0, 2, 4]}, "neurons": {"0": list(range(30))}}
 
 
@@ -396,8 +420,8 @@ def _read_rows(out: Path) -> list[dict[str, str]]:
 
 def test_bench_kernels_cli_with_plan_and_with_pruned_dir(tmp_path):
     from prunekit import PrunePlan, apply_plan, save_pretrained
-    from prunekit.commands.bench_kernels import planned_shapes
     from prunekit.core.io import read_config
+    from prunekit.kernels.shapes import planned_shapes
 
     dense_dir, model = _tiny_llama(tmp_path)
     plan_file = tmp_path / "plan.json"
@@ -415,19 +439,7 @@ def test_bench_kernels_cli_with_plan_and_with_pruned_dir(tmp_path):
     pruned_dir = save_pretrained(model, tmp_path / "pruned")
 
     out = tmp_path / "out-plan"
-    proc = _bench(
-        str(dense_dir),
-        "--plan",
-        str(plan_file),
-        "-o",
-        str(out),
-        "--seq-len",
-        "12",
-        "--repeats",
-        "1",
-        "--device",
-        "cpu",
-    )
+    proc = _bench(str(dense_dir), "--plan", str(plan_file), "-o", str(out), *FAST_CPU)
     assert proc.returncode == 0, proc.stderr
     assert "timing the torch path only" in proc.stdout
     assert "layers 0: 4 heads / 2 KV, head_dim 16, MLP 66" in proc.stdout
@@ -456,18 +468,7 @@ def test_bench_kernels_cli_with_plan_and_with_pruned_dir(tmp_path):
 
     # the same comparison from the saved pruned directory
     out2 = tmp_path / "out-dir"
-    proc = _bench(
-        str(dense_dir),
-        str(pruned_dir),
-        "-o",
-        str(out2),
-        "--seq-len",
-        "12",
-        "--repeats",
-        "1",
-        "--device",
-        "cpu",
-    )
+    proc = _bench(str(dense_dir), str(pruned_dir), "-o", str(out2), *FAST_CPU)
     assert proc.returncode == 0, proc.stderr
     assert {(r["label"], r["op"], r["width"]) for r in _read_rows(out2)} == set(keyed)
 

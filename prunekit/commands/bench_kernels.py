@@ -44,21 +44,25 @@ def add_parser(subparsers: Any) -> None:
         default="bench-kernels",
         help="directory for kernels.csv and kernels.png (files of those names are replaced)",
     )
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=None,
-        help=f"attention tokens per sequence (default {GPU_SEQ_LEN} on a GPU, "
+    add_timing_arguments(
+        p,
+        seq_len_help=f"attention tokens per sequence (default {GPU_SEQ_LEN} on a GPU, "
         f"{CPU_SEQ_LEN} on a CPU)",
+        repeats_default=10,
+        repeats_help="timed runs per case on a CPU (median reported); a GPU uses do_bench",
     )
+    p.set_defaults(func=run)
+
+
+def add_timing_arguments(
+    p: argparse.ArgumentParser, *, seq_len_help: str, repeats_default: int | None, repeats_help: str
+) -> None:
+    """--seq-len, --batch, --tokens, --repeats, --dtype, --device: the arguments of
+    :func:`prunekit.kernels.bench.bench_layer_shapes`, shared with ``benchmarks/kernels.py``."""
+    p.add_argument("--seq-len", type=int, default=None, help=seq_len_help)
     p.add_argument("--batch", type=int, default=1, help="attention batch size (default 1)")
     p.add_argument("--tokens", type=int, default=None, help="MLP rows (default batch*seq-len)")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=10,
-        help="timed runs per case on a CPU (median reported); a GPU uses do_bench",
-    )
+    p.add_argument("--repeats", type=int, default=repeats_default, help=repeats_help)
     p.add_argument(
         "--dtype",
         choices=("float16", "bfloat16", "float32"),
@@ -66,7 +70,6 @@ def add_parser(subparsers: Any) -> None:
         help="default float16 on a GPU, float32 on a CPU",
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if any)")
-    p.set_defaults(func=run)
 
 
 def _config(model: str, gguf_file: str | None) -> Any:
@@ -99,97 +102,48 @@ def _config(model: str, gguf_file: str | None) -> Any:
         ) from None
 
 
-def _bench_shape(adapter: Any, config: Any, shape: Any, label: str) -> dict[str, Any]:
-    from prunekit.core.shapes import config_global
+def _labelled_shapes(args: argparse.Namespace, config: Any, adapter: Any) -> list[tuple]:
+    """[(label, per-layer core LayerShapes)]: dense and pruned, or one model alone."""
+    from prunekit import PrunePlan, get_adapter
+    from prunekit.core.io import SIDECAR
+    from prunekit.kernels.shapes import planned_shapes
 
-    return {
-        "label": label,
-        "hidden": int(config_global(config, "hidden_size")),
-        "n_heads": shape.n_heads,
-        "n_kv_heads": shape.n_kv_heads,
-        "head_dim": shape.head_dim,
-        "intermediate": shape.intermediate,
-        "gated": bool(adapter.gated),
-        "causal": bool(adapter.causal),
-    }
-
-
-def planned_shapes(shapes: list[Any], plan: Any) -> list[Any]:
-    """Per-layer shapes after ``plan`` (removed layers dropped), computed from the config alone.
-
-    Same rules as :func:`prunekit.apply_plan`: the plan is validated first, heads leave whole
-    KV groups or the same number of query heads per group.
-    """
-    from prunekit.core.shapes import LayerShape
-
-    head_keeps = plan.validate(shapes)
-    out = []
-    for i, s in enumerate(shapes):
-        if i in set(plan.layers):
-            continue
-        n_heads, n_kv = s.n_heads, s.n_kv_heads
-        if i in head_keeps:
-            keep_q, keep_kv = head_keeps[i]
-            n_heads, n_kv = len(keep_q), len(keep_kv)
-        neurons = len(set(plan.neurons.get(i, [])))
-        out.append(LayerShape(n_heads, n_kv, s.head_dim, s.intermediate - neurons))
-    return out
+    dense = adapter.config_shapes(config)
+    if args.plan:
+        plan = PrunePlan.from_json(args.plan)
+        return [("dense", dense), ("pruned", planned_shapes(dense, plan))]
+    if args.pruned:
+        p_config = _config(args.pruned, None)
+        p_adapter = get_adapter(p_config)
+        if p_adapter.name != adapter.name or p_config.hidden_size != config.hidden_size:
+            raise ValueError(
+                f"{args.pruned} ({p_adapter.name}, hidden {p_config.hidden_size}) is not a "
+                f"pruned version of {args.model} ({adapter.name}, hidden {config.hidden_size})"
+            )
+        return [("dense", dense), ("pruned", p_adapter.config_shapes(p_config))]
+    # a lone prunekit output is labelled "pruned", so its off-grid widths get a note
+    is_output = Path(args.model).is_dir() and (Path(args.model) / SIDECAR).is_file()
+    return [("pruned" if is_output else "dense", dense)]
 
 
-def _layer_ranges(indices: list[int]) -> str:
-    parts, start = [], None
-    for j, i in enumerate(indices):
-        if start is None:
-            start = i
-        if j + 1 == len(indices) or indices[j + 1] != i + 1:
-            parts.append(str(start) if start == i else f"{start}-{i}")
-            start = None
-    return ",".join(parts)
-
-
-def _describe(label: str, shapes: list[Any]) -> list[str]:
-    groups: dict[Any, list[int]] = {}
-    for i, s in enumerate(shapes):
-        groups.setdefault(s, []).append(i)
-    lines = [f"{label}: {len(shapes)} layers, {len(groups)} distinct shape(s)"]
-    for s, idx in groups.items():
-        lines.append(
-            f"  layers {_layer_ranges(idx)}: {s.n_heads} heads / {s.n_kv_heads} KV, "
-            f"head_dim {s.head_dim}, MLP {s.intermediate}"
-        )
-    return lines
-
-
-def stack_times(
-    rows: list[dict[str, Any]], labelled: list[tuple[str, list[Any]]]
-) -> list[tuple[str, str, float, int]]:
-    """(label, provider, ms, flops) of MLP + attention core summed over every layer of each
-    model, from the per-shape rows of :func:`prunekit.kernels.bench.bench_layer_shapes`."""
-    totals = []
-    for label, shapes in labelled:
-        ms: dict[str, float] = {}
-        flops: dict[str, int] = {}
-        for s in shapes:
-            for r in rows:
-                if r["label"] != label:
-                    continue
-                if r["op"] == "attention":
-                    match = (r["n_heads"], r["n_kv_heads"]) == (s.n_heads, s.n_kv_heads)
-                else:
-                    match = r["intermediate"] == s.intermediate
-                if match:
-                    ms[r["provider"]] = ms.get(r["provider"], 0.0) + r["ms"]
-                    flops[r["provider"]] = flops.get(r["provider"], 0) + r["flops"]
-        totals += [(label, p, ms[p], flops[p]) for p in ms]
-    return totals
+def _print_stack(totals: list[tuple[str, str, float, int]]) -> None:
+    print("whole stack (MLP + attention core summed over all layers):")
+    dense = {p: (ms, fl) for label, p, ms, fl in totals if label == "dense"}
+    for label, provider, ms, fl in totals:
+        speed = ""
+        if label != "dense" and provider in dense:
+            d_ms, d_fl = dense[provider]
+            speed = f"  speedup {d_ms / ms:.2f}x (ideal {d_fl / fl:.2f}x)"
+        print(f"  {label:7s} {provider:7s} {ms:10.3f} ms{speed}")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from prunekit import PrunePlan, get_adapter
-    from prunekit.core.io import SIDECAR
-    from prunekit.kernels.bench import main_bench
+    from prunekit import get_adapter
+    from prunekit.core.shapes import config_global
+    from prunekit.kernels.bench import main_bench, stack_times
+    from prunekit.kernels.shapes import KernelShape, describe_shapes
 
     if args.plan and args.pruned:
         raise ValueError("give either --plan or PRUNED_DIR, not both")
@@ -200,36 +154,19 @@ def run(args: argparse.Namespace) -> int:
 
     config = _config(args.model, args.gguf_file)
     adapter = get_adapter(config)
-    dense = adapter.config_shapes(config)
-    labelled: list[tuple[str, list[Any]]]
-    if args.plan:
-        plan = PrunePlan.from_json(args.plan)
-        labelled = [("dense", dense), ("pruned", planned_shapes(dense, plan))]
-    elif args.pruned:
-        p_config = _config(args.pruned, None)
-        p_adapter = get_adapter(p_config)
-        if p_adapter.name != adapter.name or p_config.hidden_size != config.hidden_size:
-            raise ValueError(
-                f"{args.pruned} ({p_adapter.name}, hidden {p_config.hidden_size}) is not a "
-                f"pruned version of {args.model} ({adapter.name}, hidden {config.hidden_size})"
-            )
-        labelled = [("dense", dense), ("pruned", p_adapter.config_shapes(p_config))]
-    else:
-        # a lone prunekit output is labelled "pruned", so its off-grid widths get a note
-        is_output = Path(args.model).is_dir() and (Path(args.model) / SIDECAR).is_file()
-        labelled = [("pruned" if is_output else "dense", dense)]
-
+    labelled = _labelled_shapes(args, config, adapter)
     for label, shapes in labelled:
-        print("\n".join(_describe(label, shapes)))
+        print("\n".join(describe_shapes(label, shapes)))
+    hidden = config_global(config, "hidden_size")
+    kinds = {"hidden": hidden, "gated": adapter.gated, "causal": adapter.causal}
     bench_shapes = [
-        _bench_shape(adapter, config, s, label)
+        KernelShape.from_layer(s, label=label, **kinds)
         for label, shapes in labelled
         for s in dict.fromkeys(shapes)
     ]
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    seq_len = args.seq_len or (GPU_SEQ_LEN if on_gpu else CPU_SEQ_LEN)
+    seq_len = args.seq_len or (GPU_SEQ_LEN if device.startswith("cuda") else CPU_SEQ_LEN)
     rows = main_bench(
         bench_shapes,
         args.output,
@@ -240,15 +177,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
     )
-
     totals = stack_times(rows, labelled)
     if totals:
-        print("whole stack (MLP + attention core summed over all layers):")
-        dense = {p: (ms, fl) for label, p, ms, fl in totals if label == "dense"}
-        for label, provider, ms, fl in totals:
-            speed = ""
-            if label != "dense" and provider in dense:
-                d_ms, d_fl = dense[provider]
-                speed = f"  speedup {d_ms / ms:.2f}x (ideal {d_fl / fl:.2f}x)"
-            print(f"  {label:7s} {provider:7s} {ms:10.3f} ms{speed}")
+        _print_stack(totals)
     return 0

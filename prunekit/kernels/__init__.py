@@ -9,7 +9,9 @@ one without padding it back:
 - :func:`gelu_mlp` - BERT MLP, ``gelu(x W1^T + b1) W2^T + b2`` with the exact (erf) GELU.
 - :func:`attention` - flash-attention forward, causal or not, any ``Hq`` that is a multiple
   of ``Hkv``.
-- :mod:`prunekit.kernels.bench` - times dense and pruned layer shapes, Triton against torch.
+- :mod:`prunekit.kernels.bench` - times dense and pruned layer shapes, Triton against torch
+  (shapes and cases in :mod:`~prunekit.kernels.shapes`, timing in
+  :mod:`~prunekit.kernels.timing`, table/CSV/PNG in :mod:`~prunekit.kernels.output`).
 
 The kernels need Triton (``pip install 'prunekit[kernels]'``); ``import prunekit`` does not
 import this package. Without Triton the torch references (:mod:`prunekit.kernels.reference`)
@@ -22,6 +24,8 @@ Triton is first imported in the process, not just before this package: Triton de
 """
 
 from __future__ import annotations
+
+import importlib
 
 try:
     import triton  # noqa: F401
@@ -52,14 +56,15 @@ if _TRITON_MISSING is None:
     gated_mlp = _mlp_module.gated_mlp
     gelu_mlp = _mlp_module.gelu_mlp
 
-_BENCH_NAMES = (
-    "LayerShape",
-    "bench_layer_shapes",
-    "format_table",
-    "main_bench",
-    "plot",
-    "write_csv",
-)
+#: The benchmark helpers, loaded on first use: name -> submodule.
+_BENCH_NAMES = {
+    "KernelShape": "shapes",
+    "bench_layer_shapes": "bench",
+    "format_table": "output",
+    "main_bench": "bench",
+    "plot": "output",
+    "write_csv": "output",
+}
 
 
 def __getattr__(name: str):
@@ -69,11 +74,9 @@ def __getattr__(name: str):
             "pip install 'prunekit[kernels]' (the torch references and the CPU benchmark "
             "work without it)"
         ) from _TRITON_MISSING
-    # The benchmark helpers are loaded on first use.
     if name in _BENCH_NAMES:
-        from prunekit.kernels import bench
-
-        return getattr(bench, name)
+        module = importlib.import_module(f"{__name__}.{_BENCH_NAMES[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -174,30 +174,10 @@ def _tuned_attention_kernel(interpret: bool):
     )(_attention_kernel)
 
 
-# --------------------------------------------------------------------------------------------
-# public launcher
-# --------------------------------------------------------------------------------------------
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Scaled dot-product attention forward, ``softmax(q k^T * scale [+ causal mask]) v``.
-
-    Args:
-        q: ``[batch, Hq, T, head_dim]``.
-        k, v: ``[batch, Hkv, Tk, head_dim]`` with ``Hq`` a multiple of ``Hkv`` (GQA; query
-            head ``h`` uses KV head ``h // (Hq // Hkv)``). ``Tk == T`` when ``causal``.
-        causal: mask key ``j > i`` for query ``i`` (decoders); False for encoders (BERT).
-        scale: softmax scale, default ``1 / sqrt(head_dim)``.
-
-    Any strides are accepted, so ``x.view(B, T, H, D).transpose(1, 2)`` needs no copy.
-    Returns ``[batch, Hq, T, head_dim]`` in the dtype of ``q``, contiguous.
-
-    >>> out = attention(q, k, v, causal=True)  # q [1, 24, 2048, 128], k/v [1, 6, 2048, 128]
-    """
+def _check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[int, int]:
+    """Check shapes, dtypes and devices before anything is launched; return (Hkv, Tk)."""
     op = "attention"
     _check_tensors(op, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -225,6 +205,35 @@ def attention(
         raise ValueError(
             f"{op}: causal attention needs as many queries as keys, got {seq_q} and {seq_k}"
         )
+    return n_kv_heads, seq_k
+
+
+# --------------------------------------------------------------------------------------------
+# public launcher
+# --------------------------------------------------------------------------------------------
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention forward, ``softmax(q k^T * scale [+ causal mask]) v``.
+
+    Args:
+        q: ``[batch, Hq, T, head_dim]``.
+        k, v: ``[batch, Hkv, Tk, head_dim]`` with ``Hq`` a multiple of ``Hkv`` (GQA; query
+            head ``h`` uses KV head ``h // (Hq // Hkv)``). ``Tk == T`` when ``causal``.
+        causal: mask key ``j > i`` for query ``i`` (decoders); False for encoders (BERT).
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+
+    Any strides are accepted, so ``x.view(B, T, H, D).transpose(1, 2)`` needs no copy.
+    Returns ``[batch, Hq, T, head_dim]`` in the dtype of ``q``, contiguous.
+
+    >>> out = attention(q, k, v, causal=True)  # q [1, 24, 2048, 128], k/v [1, 6, 2048, 128]
+    """
+    n_kv_heads, seq_k = _check_attention_inputs(q, k, v, causal)
+    batch, n_q_heads, seq_q, head_dim = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
 
@@ -232,7 +241,7 @@ def attention(
     if out.numel() == 0:
         return out
     if seq_k == 0:
-        raise ValueError(f"{op}: k/v have no tokens; softmax over zero keys is undefined")
+        raise ValueError("attention: k/v have no tokens; softmax over zero keys is undefined")
 
     kernel = _tuned_attention_kernel(_interpreting())
 

@@ -299,6 +299,28 @@ def _flatten_tokens(op: str, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _check_mlp_weights(
+    op: str, hidden: int, w_in: tuple[str, torch.Tensor], w_out: tuple[str, torch.Tensor]
+) -> int:
+    """Check the input and output projections (nn.Linear layout); return the MLP width."""
+    for name, w in (w_in, w_out):
+        if w.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(w.shape)}")
+    (in_name, w1), (out_name, w2) = w_in, w_out
+    if w1.shape[1] != hidden:
+        raise ValueError(
+            f"{op}: {in_name} must be [intermediate, hidden={hidden}] (nn.Linear layout), "
+            f"got {tuple(w1.shape)}"
+        )
+    intermediate = w1.shape[0]
+    if tuple(w2.shape) != (hidden, intermediate):
+        raise ValueError(
+            f"{op}: {out_name} must be [hidden={hidden}, intermediate={intermediate}] "
+            f"(nn.Linear layout), got {tuple(w2.shape)}"
+        )
+    return intermediate
+
+
 # --------------------------------------------------------------------------------------------
 # public launchers
 # --------------------------------------------------------------------------------------------
@@ -320,25 +342,11 @@ def gated_mlp(
     op = "gated_mlp"
     _check_tensors(op, x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
     x2d = _flatten_tokens(op, x)
-    hidden = x2d.shape[1]
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if w.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(w.shape)}")
-    if w_gate.shape[1] != hidden:
-        raise ValueError(
-            f"{op}: w_gate must be [intermediate, hidden={hidden}] (nn.Linear layout), "
-            f"got {tuple(w_gate.shape)}"
-        )
     if w_up.shape != w_gate.shape:
         raise ValueError(
             f"{op}: w_up {tuple(w_up.shape)} must have the shape of w_gate {tuple(w_gate.shape)}"
         )
-    intermediate = w_gate.shape[0]
-    if tuple(w_down.shape) != (hidden, intermediate):
-        raise ValueError(
-            f"{op}: w_down must be [hidden={hidden}, intermediate={intermediate}] "
-            f"(nn.Linear layout), got {tuple(w_down.shape)}"
-        )
+    _check_mlp_weights(op, x2d.shape[1], ("w_gate", w_gate), ("w_down", w_down))
     h = _linear(x2d, w_gate, w_up, None, _ACT_SILU_MUL)
     y = _linear(h, w_down, None, None, _ACT_NONE)
     return y.reshape(x.shape)
@@ -366,20 +374,7 @@ def gelu_mlp(
     _check_tensors(op, x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     x2d = _flatten_tokens(op, x)
     hidden = x2d.shape[1]
-    for name, w in (("w1", w1), ("w2", w2)):
-        if w.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(w.shape)}")
-    if w1.shape[1] != hidden:
-        raise ValueError(
-            f"{op}: w1 must be [intermediate, hidden={hidden}] (nn.Linear layout), "
-            f"got {tuple(w1.shape)}"
-        )
-    intermediate = w1.shape[0]
-    if tuple(w2.shape) != (hidden, intermediate):
-        raise ValueError(
-            f"{op}: w2 must be [hidden={hidden}, intermediate={intermediate}] "
-            f"(nn.Linear layout), got {tuple(w2.shape)}"
-        )
+    intermediate = _check_mlp_weights(op, hidden, ("w1", w1), ("w2", w2))
     if b1 is not None and tuple(b1.shape) != (intermediate,):
         raise ValueError(f"{op}: b1 must be [{intermediate}], got {tuple(b1.shape)}")
     if b2 is not None and tuple(b2.shape) != (hidden,):
