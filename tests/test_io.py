@@ -239,3 +239,15 @@ def test_weights_size_mb(tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(b"\0" * 2**20)  # not a weight file
     assert weights_size_mb(tmp_path) == 1.0
     assert weights_size_mb(tmp_path / "tokenizer.json") == 1.0
+
+
+def test_llama_head_count_not_dividing_hidden_saves_per_layer(ids, tmp_path):
+    """LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit
+    head_dim: 3 heads in every layer (hidden 64) must be saved in the per-layer format."""
+    plan = PrunePlan(heads={i: [0, 1, 2, 3, 4] for i in range(5)})
+    model = apply_plan(tiny_model("llama"), plan)
+    assert {s.n_heads for s in get_adapter(model).shapes(model)} == {3}
+    assert model.config.is_heterogeneous
+    out = save_pretrained(model, tmp_path / "m")
+    reloaded, _ = load_pretrained(out, attn_implementation="eager")
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)

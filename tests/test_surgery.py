@@ -249,3 +249,29 @@ def test_linear_layout_hooks_default_to_nn_linear():
     assert proj.weight.shape[1] == proj.in_features == 2
     with pytest.raises(ValueError, match="dim"):
         adapter.slice_projection(proj, [0], "rows")
+
+
+def test_gpt2_plugin_gives_conv1d_in_linear_layout():
+    """The third-party GPT-2 adapter owns the Conv1D layout: core sees ``[out, in]`` weights
+    and feature counts, for Conv1D projections and for the nn.Linear lm_head alike."""
+    pytest.importorskip("prunekit_gpt2")
+    import transformers as tf
+
+    from prunekit.core.evaluate import flops_breakdown
+    from prunekit.plugins import reset_plugins
+
+    reset_plugins()
+    torch.manual_seed(0)
+    config = tf.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=50, n_positions=16)
+    model = tf.GPT2LMHeadModel(config).eval()
+    try:
+        adapter = get_adapter(model)
+        c_fc = adapter.layers(model)[0].mlp.c_fc
+        weight = adapter.linear_weight(c_fc)
+        assert weight.shape == (adapter.out_features(c_fc), adapter.in_features(c_fc)) == (128, 32)
+        x = torch.randn(3, 32)
+        expected = torch.nn.functional.linear(x, weight, c_fc.bias)
+        torch.testing.assert_close(c_fc(x), expected, atol=1e-6, rtol=0)
+        assert flops_breakdown(model, 8)["lm_head"] == 2.0 * 50 * 32
+    finally:
+        reset_plugins()

@@ -45,6 +45,9 @@ class Adapter:
     gated: ClassVar[bool] = True
     #: whether the config has an explicit ``head_dim`` so head counts can change in a stock config
     explicit_head_dim: ClassVar[bool] = True
+    #: whether the config class insists on ``hidden_size % num_attention_heads == 0`` even with
+    #: an explicit ``head_dim`` (then other head counts need the per-layer format)
+    heads_divide_hidden: ClassVar[bool] = False
     #: config keys for the layer count and the per-layer sizes
     config_keys: ClassVar[dict[str, str]] = config_key_names(
         "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_key_value_heads"
@@ -181,11 +184,14 @@ class Adapter:
         """Whether a stock config (no per-layer overrides) can describe these shapes."""
         if len(set(shapes)) > 1:
             return False
-        if not shapes or self.explicit_head_dim:
+        if not shapes:
             return True
-        # Without an explicit head_dim the architecture derives it as hidden // n_heads.
         s = shapes[0]
-        return s.n_heads * s.head_dim == config_global(config, "hidden_size")
+        hidden = config_global(config, "hidden_size")
+        if self.explicit_head_dim:
+            return not self.heads_divide_hidden or hidden % s.n_heads == 0
+        # Without an explicit head_dim the architecture derives it as hidden // n_heads.
+        return s.n_heads * s.head_dim == hidden
 
     def per_layer_overrides(self, shape: LayerShape) -> dict[str, int]:
         keys = self.config_keys

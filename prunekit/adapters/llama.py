@@ -8,6 +8,8 @@ from prunekit.adapters.base import DecoderAdapter, adapter_hook
 class LlamaAdapter(DecoderAdapter):
     name = "llama"
     model_types = ("llama",)
+    # LlamaConfig.validate_architecture (transformers 5) rejects hidden_size % n_heads != 0
+    heads_divide_hidden = True
 
 
 register_adapters = adapter_hook(LlamaAdapter)

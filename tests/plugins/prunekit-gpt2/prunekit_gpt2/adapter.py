@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from prunekit.adapters.base import Adapter, config_key_names
 from prunekit.adapters.slicing import Dim, check_dim, head_rows, slice_weight
@@ -66,20 +67,24 @@ class GPT2Adapter(Adapter):
     def head_dim(self, layer: nn.Module) -> int:
         return int(layer.attn.head_dim)
 
-    # ---- Conv1D projections ----------------------------------------------------------------
+    # ---- Conv1D projections (lm_head stays an nn.Linear) -----------------------------------
     def linear_weight(self, module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """Conv1D stores ``[in, out]``: transpose to ``nn.Linear``'s ``[out, in]``."""
+        if not isinstance(module, Conv1D):
+            return super().linear_weight(module, tensor)
         return (module.weight if tensor is None else tensor).t()
 
     def out_features(self, module: nn.Module) -> int:
-        return int(module.nf)
+        return int(module.nf) if isinstance(module, Conv1D) else super().out_features(module)
 
     def in_features(self, module: nn.Module) -> int:
-        return int(module.weight.shape[0])
+        return int(module.nx) if isinstance(module, Conv1D) else super().in_features(module)
 
     def slice_projection(self, module: nn.Module, keep: torch.Tensor | list[int], dim: Dim):
         """Slice a Conv1D: output features are weight columns (and the bias), input features
         weight rows; ``nf`` / ``nx`` follow."""
+        if not isinstance(module, Conv1D):
+            return super().slice_projection(module, keep, dim)
         check_dim(dim)
         n = slice_weight(module, keep, 1 if dim == "out" else 0, slice_bias=dim == "out")
         setattr(module, "nf" if dim == "out" else "nx", n)
