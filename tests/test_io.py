@@ -251,3 +251,13 @@ def test_llama_head_count_not_dividing_hidden_saves_per_layer(ids, tmp_path):
     out = save_pretrained(model, tmp_path / "m")
     reloaded, _ = load_pretrained(out, attn_implementation="eager")
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
+
+
+def test_sidecar_extra_may_read_the_written_directory(tmp_path):
+    from prunekit.core.io import weights_size_mb
+
+    model = apply_plan(tiny_model("llama"), PrunePlan(layers=[0]))
+    out = save_pretrained(model, tmp_path / "m", extra=lambda d: {"mb": weights_size_mb(d)})
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    assert sidecar["mb"] == weights_size_mb(out) > 0
+    assert sidecar["plans"] == [PrunePlan(layers=[0]).to_dict()]

@@ -60,4 +60,4 @@ def head_rows(heads: torch.Tensor | list[int], head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-__all__ = ["check_dim", "head_rows", "slice_linear", "slice_weight"]
+__all__ = ["Dim", "check_dim", "head_rows", "slice_linear", "slice_weight"]

@@ -9,7 +9,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     plans: list[PrunePlan] | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Save a (pruned) model as safetensors + config + ``prunekit.json``.
 
@@ -156,12 +156,12 @@ def save_pretrained(
     per-layer results carry ``per_layer_config`` and load with :func:`load_pretrained`.
     Refuses a non-empty ``out_dir`` unless ``overwrite=True``; writes atomically. The sidecar
     (:func:`build_sidecar`) records ``plans``, by default ``model.prunekit_plans``, and
-    ``extra``.
+    ``extra`` (a callable is called with the directory once the weights are in it).
     """
     get_adapter(model)  # an unsupported architecture fails before anything is written
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("model has parameters on the meta device; load its weights first")
-    sidecar = build_sidecar(model, plans=plans, extra=extra)
+    sidecar = build_sidecar(model, plans=plans, extra=None if callable(extra) else extra)
     with AtomicDir(out_dir, overwrite) as tmp, global_access(model.config):
         model.save_pretrained(tmp)
         _strip_config_key(tmp / "config.json", "allow_global_per_layer_attribute_access")
@@ -170,7 +170,7 @@ def save_pretrained(
         pickled = [p.name for p in tmp.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickled:  # pragma: no cover - transformers 5 writes safetensors only
             raise RuntimeError(f"refusing to write pickled files {pickled}")
-        write_sidecar(tmp, sidecar)
+        write_sidecar(tmp, {**sidecar, **extra(tmp)} if callable(extra) else sidecar)
     return Path(out_dir)
 
 
@@ -315,9 +315,8 @@ def _load_per_layer(cls, config, adapter, overrides, files, dtype) -> nn.Module:
 def clear_quantization_marks(model: nn.Module) -> nn.Module:
     """After a GGUF load transformers has dequantised the weights but still marks the model as
     quantized, which blocks saving and pruning; clear those marks."""
-    for attr in ("hf_quantizer",):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
