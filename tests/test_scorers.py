@@ -13,15 +13,10 @@ import prunekit
 from prunekit import Scores, score
 from prunekit.core.plan import PrunePlan
 
-FORWARD = [
-    "block_influence",
-    "angular_distance",
-    "magnitude",
-    "output_norm",
-    "activation_frequency",
-    "wanda",
-    "neuron_magnitude",
-]
+FORWARD = (
+    "block_influence angular_distance magnitude output_norm "
+    "activation_frequency wanda neuron_magnitude"
+).split()
 
 
 @pytest.fixture
@@ -119,8 +114,9 @@ def test_identity_layer_has_bi_zero_and_is_chosen_first(samples):
         assert plan.layers == [2]
 
 
-def _head_out(model, samples):
-    """Per layer: inputs of o_proj for all tokens (reference capture by plain hooks)."""
+def _proj_inputs(model, samples, projection):
+    """Per layer: inputs of ``projection(adapter)(layer)`` for all tokens (reference capture by
+    plain hooks)."""
     adapter = prunekit.get_adapter(model)
     got = {}
     hs = []
@@ -129,29 +125,21 @@ def _head_out(model, samples):
         def hook(m, a, _i=i):
             got.setdefault(_i, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))
 
-        hs.append(adapter.head_output_projection(layer).register_forward_pre_hook(hook))
+        hs.append(projection(adapter)(layer).register_forward_pre_hook(hook))
     with torch.no_grad():
         model.base_model(input_ids=samples)
     for h in hs:
         h.remove()
     return {i: torch.cat(v) for i, v in got.items()}
+
+
+def _head_out(model, samples):
+    """Per layer: inputs of o_proj for all tokens."""
+    return _proj_inputs(model, samples, lambda adapter: adapter.head_output_projection)
 
 
 def _neuron_in(model, samples):
-    adapter = prunekit.get_adapter(model)
-    got = {}
-    hs = []
-    for i, layer in enumerate(adapter.layers(model)):
-
-        def hook(m, a, _i=i):
-            got.setdefault(_i, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))
-
-        hs.append(adapter.neuron_output_projection(layer).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model.base_model(input_ids=samples)
-    for h in hs:
-        h.remove()
-    return {i: torch.cat(v) for i, v in got.items()}
+    return _proj_inputs(model, samples, lambda adapter: adapter.neuron_output_projection)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
@@ -379,13 +367,26 @@ def test_scores_json_roundtrip(arch, samples, tmp_path):
     assert back.meta["n_samples"] == 6
 
 
+def _register_scorer(monkeypatch, scorer):
+    """Make ``scorer`` a registered plugin for the rest of the test."""
+    import prunekit.plugins as plugins_mod
+    from prunekit.hookspecs import hookimpl
+    from prunekit.plugins import Plugins
+
+    class Plugin:
+        @hookimpl
+        def register_scorers(self, register):
+            register(scorer)
+
+    pm = Plugins(load_entrypoints=False, extra=(Plugin(),))
+    monkeypatch.setattr(plugins_mod, "get_plugins", lambda: pm)
+
+
 def test_third_party_scorer_usable_by_name(samples, monkeypatch):
     from dataclasses import dataclass
 
     import prunekit.plugins as plugins_mod
     from prunekit.core.capture import Accumulator
-    from prunekit.hookspecs import hookimpl
-    from prunekit.plugins import Plugins
     from prunekit.scorers.base import Scorer
 
     @dataclass
@@ -413,13 +414,7 @@ def test_third_party_scorer_usable_by_name(samples, monkeypatch):
         def accumulator(self, ctx, config):
             return Acc(ctx.n_layers, config.scale)
 
-    class Plugin:
-        @hookimpl
-        def register_scorers(self, register):
-            register(DeltaNorm())
-
-    pm = Plugins(load_entrypoints=False, extra=(Plugin(),))
-    monkeypatch.setattr(plugins_mod, "get_plugins", lambda: pm)
+    _register_scorer(monkeypatch, DeltaNorm())
     assert "delta_norm" in plugins_mod.get_plugins().scorers
     model = tiny_model("llama")
     s = score(
@@ -432,3 +427,121 @@ def test_third_party_scorer_usable_by_name(samples, monkeypatch):
     assert s["delta_norm"].shape == (5,) and (s["delta_norm"] > 0).all()
     plan = prunekit.select(s, prunekit.Targets(layers=1, layer_scorer="delta_norm"))
     assert plan.layers == [1 + int(s["delta_norm"][1:4].argmin())]
+
+
+def test_scorers_follow_the_plugin_contract():
+    from prunekit.contracts import Plugin
+    from prunekit.core.scores import get_scorer, is_block
+    from prunekit.plugins import get_plugins
+
+    reg = get_plugins().scorers
+    for name in reg.names():
+        s = get_scorer(name)
+        assert isinstance(s, Plugin) and s.available() == (True, "")
+        assert s.unit in ("layers", "heads", "neurons")
+    assert [n for n in reg.names() if is_block(reg.get(n))] == ["angular_distance"]
+    # a head scorer named for neurons is the counterpart it declares, not a name rule
+    assert get_scorer("taylor", "neurons").name == "neuron_taylor"
+    assert get_scorer("magnitude", "neurons").name == "neuron_magnitude"
+    assert get_scorer(reg.get("wanda")) is reg.get("wanda")  # objects pass through
+    with pytest.raises(ValueError, match="scores heads, not layers"):
+        get_scorer("taylor", "layers")
+
+
+def test_scorer_options_plain_and_dotted():
+    from prunekit.core.scores import get_scorer, scorer_options
+
+    objs = [get_scorer(n) for n in ("block_influence", "angular_distance", "taylor")]
+    assert scorer_options(["token=all"], objs) == {"angular_distance": {"token": "all"}}
+    assert scorer_options(["taylor.granularity=vector", "token=last"], objs) == {
+        "taylor": {"granularity": "vector"},
+        "angular_distance": {"token": "last"},
+    }
+    with pytest.raises(ValueError, match="valid: angular_distance.token, taylor.granularity"):
+        scorer_options(["nope=1"], objs)
+    with pytest.raises(ValueError, match="not a requested scorer"):
+        scorer_options(["wanda.x=1"], objs)
+    with pytest.raises(ValueError, match="no requested scorer has option 'token'"):
+        scorer_options(["taylor.token=all"], objs)
+    with pytest.raises(ValueError, match="key=value"):
+        scorer_options(["token"], objs)
+
+
+def test_score_accepts_objects_and_cli_strings(samples):
+    from prunekit.core.scores import get_scorer
+
+    model = tiny_model("llama")
+    ad = get_scorer("angular_distance")
+    s = score(model, samples, [ad], progress=False, configs={"angular_distance": {"token": "all"}})
+    ref = score(
+        model,
+        samples,
+        ["angular_distance"],
+        progress=False,
+        configs={"angular_distance": {"token": "all"}},
+    )
+    torch.testing.assert_close(s["angular_distance"], ref["angular_distance"], equal_nan=True)
+    assert s.meta["scorers"]["angular_distance"] == {"token": "all"}
+    with pytest.raises(ValueError, match="unknown option"):
+        score(model, samples, [ad], progress=False, configs={"angular_distance": {"tok": "x"}})
+
+
+def test_third_party_block_scorer_selects_a_block(monkeypatch):
+    """A scorer says it selects a contiguous block by metadata (``block = True``), not by
+    being called angular_distance."""
+    from prunekit.core.shapes import LayerShape
+    from prunekit.scorers.base import Scorer
+
+    class MyBlock(Scorer):
+        name = "my_block"
+        unit = "layers"
+        block = True
+
+    _register_scorer(monkeypatch, MyBlock())
+    L = 6
+    d = torch.full((L, L), float("nan"))
+    for n in range(1, L + 1):
+        d[n - 1, : L - n + 1] = torch.arange(L - n + 1, 0, -1).float()  # cheapest: last start
+    shapes = [LayerShape(4, 2, 8, 32)] * L
+    s = Scores({"my_block": d}, {"my_block": "layers"}, shapes, {})
+    plan = prunekit.select(s, prunekit.Targets(layers=2, layer_scorer="my_block"))
+    assert plan.layers == [3, 4]
+    with pytest.raises(ValueError, match="contiguous block"):
+        prunekit.plan_for(
+            None, None, prunekit.Targets(layers=2, layer_scorer="my_block", layer_steps=2)
+        )
+
+
+def test_cli_scorer_opt(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import save_tiny
+
+    save_tiny("llama", tmp_path / "m")
+
+    def cli(*args):
+        cmd = [sys.executable, "-m", "prunekit", "score", str(tmp_path / "m"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    res = cli("--scorers", "angular_distance", "--scorer-opt", "tokn=all")
+    assert res.returncode == 2 and "valid: angular_distance.token" in res.stderr, res.stderr
+    res = cli(
+        "--scorers",
+        "block_influence,angular_distance",
+        "--scorer-opt",
+        "token=all",
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--layers",
+        "1",
+        "--no-progress",
+        "-o",
+        str(tmp_path / "s.json"),
+    )
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "s.json").read_text())["meta"]
+    assert meta["scorers"] == {"block_influence": {}, "angular_distance": {"token": "all"}}

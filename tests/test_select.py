@@ -8,7 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prunekit.core.scores import Scores
-from prunekit.core.select import Targets, count_of, round_width, select
+from prunekit.core.select import (
+    Targets,
+    count_of,
+    resolve_scorers,
+    round_width,
+    scorer_configs,
+    select,
+)
 from prunekit.core.shapes import LayerShape
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -250,6 +257,54 @@ def test_plan_for_iterative_reuses_masking():
         ),
         progress=False,
     )
-    assert len(plan.layers) == 2 and plan.meta["iterative_layers"][0][0] in plan.layers
+    assert len(plan.layers) == 2 and plan.meta["layer_steps"][0][0] in plan.layers
     assert set(plan.neurons) == {i for i in range(5) if i not in plan.layers}
     assert "perplexity_drop" in scores and "activation_frequency" in scores
+
+
+def test_layer_steps_is_the_new_name_of_iterative_layers():
+    old = Targets.from_dict({"layers": 2, "iterative_layers": 3})
+    assert old == Targets(layers=2, layer_steps=3) == Targets(layers=2, iterative_layers=3)
+    assert "iterative_layers" not in old.to_dict() and old.to_dict()["layer_steps"] == 3
+    assert Targets.from_dict(old.to_dict()) == old
+    with pytest.raises(ValueError, match="contiguous block"):
+        resolve_scorers(Targets(layers=2, layer_scorer="angular_distance", layer_steps=2))
+
+
+def test_scorer_options_in_targets_reach_the_scorers():
+    t = Targets(
+        layers=1,
+        neurons=0.25,
+        layer_scorer="angular_distance",
+        neuron_scorer="taylor",
+        scorer_options={"angular_distance": {"token": "all"}, "taylor": {"granularity": "vector"}},
+    )
+    scorers = resolve_scorers(t)
+    assert {u: s.name for u, s in scorers.items()} == {
+        "layers": "angular_distance",
+        "neurons": "neuron_taylor",
+    }
+    assert scorer_configs(t, scorers, {"angular_distance": {"token": "last"}}) == {
+        "angular_distance": {"token": "last"},
+        "neuron_taylor": {"granularity": "vector"},
+    }
+    assert Targets.from_dict(t.to_dict()) == t
+    with pytest.raises(ValueError, match="no target uses"):
+        scorer_configs(Targets(layers=1, scorer_options={"wanda": {}}), scorers)
+    with pytest.raises(ValueError, match="scorer_options"):
+        Targets(scorer_options={"wanda": 3})
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("3.0", 3), ("0.25", 0.25), ("0", 0.0)])
+def test_parse_amount(text, value):
+    from prunekit.core.targets import parse_amount
+
+    assert parse_amount(text) == value and type(parse_amount(text)) is type(value)
+
+
+@pytest.mark.parametrize("text", ["1.5", "-1", "x", "nan"])
+def test_parse_amount_rejects(text):
+    from prunekit.core.targets import parse_amount
+
+    with pytest.raises(ValueError):
+        parse_amount(text)

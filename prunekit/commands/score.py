@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 
 def _amount(text: str) -> float | int:
-    value = float(text)
-    if value >= 1:
-        if value != int(value):
-            raise argparse.ArgumentTypeError(f"{text}: a count must be an integer")
-        return int(value)
-    return value
+    from prunekit.core.targets import parse_amount
+
+    try:
+        return parse_amount(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(subparsers) -> None:
@@ -33,6 +35,16 @@ def add_parser(subparsers) -> None:
         "--scorers",
         default="block_influence,angular_distance,taylor",
         help="comma-separated scorer names (see `prunekit plugins`)",
+    )
+    p.add_argument(
+        "--scorer-opt",
+        action="append",
+        default=[],
+        metavar="[SCORER.]KEY=VALUE",
+        help="a scorer option (repeatable): 'SCORER.KEY=VALUE' sets it for that scorer, a plain "
+        "'KEY=VALUE' for every requested scorer that has the option, e.g. "
+        "--scorer-opt token=all or --scorer-opt taylor.granularity=vector "
+        "(options: `prunekit plugins`)",
     )
     p.add_argument("-o", "--output", help="write the scores as JSON here")
     p.add_argument("--plots", help="write PNG plots into this directory")
@@ -62,38 +74,76 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _targets(args: argparse.Namespace, scorers: list) -> tuple[Any, dict[str, Any]]:
+    """The targets of the plan drawn in the plots (the first requested scorer of each unit)
+    and the scorer objects they use."""
+    from prunekit.core.select import Targets
 
-    from prunekit.core.calibration import load_calibration
-    from prunekit.core.io import check_output_dir
-    from prunekit.core.scores import get_scorer, score
-    from prunekit.core.select import Targets, select
-
-    names = [s.strip() for s in args.scorers.split(",") if s.strip()]
-    scorers = {n: get_scorer(n) for n in names}  # unknown names fail before any loading
-    if args.output and Path(args.output).is_dir():
-        raise ValueError(f"-o {args.output} is a directory; give a JSON file path")
-    if args.plots:
-        check_output_dir(args.plots, overwrite=True)
-    by_unit: dict[str, str] = {}
-    for n, s in scorers.items():
-        by_unit.setdefault(s.unit, n)
+    by_unit: dict[str, Any] = {}
+    for s in scorers:
+        by_unit.setdefault(s.unit, s)
     layers = args.layers if args.layers is not None else (0.25 if "layers" in by_unit else 0)
+    for unit, amount in (("layers", layers), ("heads", args.heads), ("neurons", args.neurons)):
+        if amount and unit not in by_unit:
+            raise ValueError(f"--{unit} needs a {unit} scorer in --scorers")
+    names = {unit: s.name for unit, s in by_unit.items()}
     targets = Targets(
         layers=layers,
         heads=args.heads,
         neurons=args.neurons,
-        layer_scorer=by_unit.get("layers", "block_influence"),
-        head_scorer=by_unit.get("heads", "taylor"),
-        neuron_scorer=by_unit.get("neurons", "activation_frequency"),
+        layer_scorer=names.get("layers", "block_influence"),
+        head_scorer=names.get("heads", "taylor"),
+        neuron_scorer=names.get("neurons", "activation_frequency"),
         mode=args.mode,
         protect_first=args.protect_first,
         protect_last=args.protect_last,
     )
-    for unit, amount in (("layers", layers), ("heads", args.heads), ("neurons", args.neurons)):
-        if amount and unit not in by_unit:
-            raise ValueError(f"--{unit} needs a {unit} scorer in --scorers")
+    used = {unit: s for unit, s in by_unit.items() if getattr(targets, unit)}
+    return targets, used
+
+
+def run(args: argparse.Namespace) -> int:
+    from prunekit.contracts import build_config
+    from prunekit.core.io import check_output_dir
+    from prunekit.core.scores import get_scorer, score, scorer_options
+    from prunekit.core.select import select
+
+    # unknown scorers and options fail before any loading
+    scorers = [get_scorer(n.strip()) for n in args.scorers.split(",") if n.strip()]
+    configs = scorer_options(args.scorer_opt, scorers)
+    for s in scorers:
+        build_config(s, configs.get(s.name), section=f"--scorer-opt for {s.name}")
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"-o {args.output} is a directory; give a JSON file path")
+    if args.plots:
+        check_output_dir(args.plots, overwrite=True)
+    targets, used = _targets(args, scorers)
+    model, samples = _load(args)
+    scores = score(
+        model,
+        samples,
+        scorers,
+        batch_size=args.batch_size,
+        sequential=args.sequential,
+        progress=not args.no_progress,
+        configs=configs,
+    )
+    scores.meta["calibration"] = {
+        "source": args.calib or "brown",
+        "n_samples": args.calib_samples,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+    }
+    scores.meta["model"] = str(args.model)
+    removes = targets.layers or targets.heads or targets.neurons
+    plan = select(scores, targets, scorers=used) if removes else None
+    _report(args, scores, plan, targets, samples)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """The model (or, for lazy sequential scoring, its directory) and the calibration ids."""
+    from prunekit.core.calibration import load_calibration
 
     progress = not args.no_progress
     path = Path(args.model)
@@ -117,22 +167,11 @@ def run(args: argparse.Namespace) -> int:
         model=None if lazy else model,
         progress=progress,
     )
-    scores = score(
-        model,
-        samples,
-        names,
-        batch_size=args.batch_size,
-        sequential=args.sequential,
-        progress=progress,
-    )
-    scores.meta["calibration"] = {
-        "source": args.calib or "brown",
-        "n_samples": args.calib_samples,
-        "seq_len": args.seq_len,
-        "seed": args.seed,
-    }
-    scores.meta["model"] = str(args.model)
-    plan = select(scores, targets) if (layers or args.heads or args.neurons) else None
+    return model, samples
+
+
+def _report(args, scores, plan, targets, samples) -> None:
+    names = scores.names()
     print(
         f"scored {', '.join(names)} on {samples.shape[0]} x {samples.shape[1]} tokens "
         f"in {scores.meta['seconds']:.1f} s"
@@ -159,4 +198,3 @@ def run(args: argparse.Namespace) -> int:
 
         for p in plot_scores(scores, plan, args.plots, targets=targets):
             print(f"wrote {p}")
-    return 0

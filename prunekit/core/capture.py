@@ -99,6 +99,17 @@ def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
+def _input_hook(accs: Sequence[Accumulator], tap: str, i: int, layer: nn.Module):
+    """A forward pre-hook passing a projection's input to ``on_<tap>(i, x, layer)``."""
+    callbacks = [getattr(a, f"on_{tap}") for a in accs]
+
+    def hook(module, args):
+        for callback in callbacks:
+            callback(i, args[0], layer)
+
+    return hook
+
+
 @contextlib.contextmanager
 def _layer_hooks(
     adapter: Any, layers: Sequence[tuple[int, nn.Module]], accs: Sequence[Accumulator], state: dict
@@ -117,22 +128,13 @@ def _layer_hooks(
                         a.on_layer_io(_i, x_in, x_out, state["rows"])
 
                 handles.append(layer.register_forward_hook(io_hook, with_kwargs=True))
-            if wants["head_inputs"]:
-
-                def head_hook(module, args, _i=i, _layer=layer):
-                    for a in wants["head_inputs"]:
-                        a.on_head_inputs(_i, args[0], _layer)
-
-                proj = adapter.head_output_projection(layer)
-                handles.append(proj.register_forward_pre_hook(head_hook))
-            if wants["neuron_inputs"]:
-
-                def neuron_hook(module, args, _i=i, _layer=layer):
-                    for a in wants["neuron_inputs"]:
-                        a.on_neuron_inputs(_i, args[0], _layer)
-
-                proj = adapter.neuron_output_projection(layer)
-                handles.append(proj.register_forward_pre_hook(neuron_hook))
+            for tap, projection in (
+                ("head_inputs", adapter.head_output_projection),
+                ("neuron_inputs", adapter.neuron_output_projection),
+            ):
+                if wants[tap]:
+                    hook = _input_hook(wants[tap], tap, i, layer)
+                    handles.append(projection(layer).register_forward_pre_hook(hook))
         yield
     finally:
         for h in handles:

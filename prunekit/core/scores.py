@@ -1,22 +1,164 @@
-"""Importance scores: :func:`score` runs scorers on calibration samples; :class:`Scores` holds
-the results (higher = keep) and round-trips through JSON."""
+"""Importance scores: the scorer contract (:class:`Scorer`), :func:`score` that runs scorers
+on calibration samples, and :class:`Scores` that holds the results (higher = keep) and
+round-trips through JSON.
+
+A scorer is a plugin (:mod:`prunekit.contracts`): ``name``, ``config_class``, ``available()``,
+plus metadata that says what it is -- never its name:
+
+- ``unit``: ``"layers"``, ``"heads"`` or ``"neurons"``;
+- ``kind``: ``"forward"`` (streams statistics from the shared capture pass: set
+  ``accumulator_class`` or implement ``accumulator(ctx, config) -> Accumulator``), ``"gradient"`` (shares one forward + backward
+  pass per batch with the other gradient scorers: implement ``accumulator`` with the
+  ``"gradients"`` tap and ``params(model, adapter) -> list[Parameter]``), or ``"custom"``
+  (implement ``run(model, samples, ctx, config, *, batch_size, progress) -> Tensor``);
+- ``block``: the selection removes one contiguous block of layers (angular distance);
+- ``sequential_ok``: whether it runs in sequential (layer-by-layer) mode;
+- ``counterparts``: ``{unit: scorer name}`` -- the scorer that plays this one's role for
+  another unit (Taylor heads → ``neuron_taylor`` for neurons), so a target may say
+  ``neuron_scorer="taylor"``.
+
+Results: higher = keep. Layers ``[L]`` (a block scorer: ``[L, L]``, row ``n-1`` the cost of
+removing ``n`` layers from each start); heads ``[L, n_query_heads]``; neurons
+``[L, intermediate]`` (a list when widths differ).
+
+A scorer name is resolved to its object once (:func:`get_scorer`); :func:`score` and the
+selection accept either and hold objects from then on.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from prunekit import plugins
+from prunekit.contracts import (
+    PluginBase,
+    build_config,
+    check_available,
+    option_fields,
+    parse_options,
+)
+from prunekit.core.capture import (
+    Accumulator,
+    Context,
+    capture,
+    capture_gradients,
+    capture_sequential,
+    is_model_dir,
+)
+from prunekit.core.jsonfile import read_json_object
 from prunekit.core.shapes import LayerShape
 
 Value = torch.Tensor | list[torch.Tensor]
+_UNITS = ("layers", "heads", "neurons")
+_KINDS = ("forward", "gradient", "custom")
+
+
+# ---- the contract ----------------------------------------------------------------------------
+class Scorer(PluginBase):
+    """Base class of scorers (see the module docstring for the metadata)."""
+
+    name: ClassVar[str]
+    unit: ClassVar[str]
+    kind: ClassVar[str] = "forward"
+    block: ClassVar[bool] = False
+    sequential_ok: ClassVar[bool] = True
+    counterparts: ClassVar[Mapping[str, str]] = {}
+    #: built as ``accumulator_class(ctx, config)`` by the default :meth:`accumulator`
+    accumulator_class: ClassVar[type[Accumulator] | None] = None
+
+    def accumulator(self, ctx: Context, config: Any) -> Accumulator:
+        if self.accumulator_class is None:
+            raise NotImplementedError(f"scorer {self.name!r} has no accumulator")
+        return self.accumulator_class(ctx, config)
+
+    def params(self, model: Any, adapter: Any) -> list[nn.Parameter]:
+        return []
+
+    def run(self, model, samples, ctx: Context, config, *, batch_size: int, progress: bool):
+        raise NotImplementedError(f"scorer {self.name!r} has no run()")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} ({self.unit}, {self.kind})>"
+
+
+def is_block(scorer: Any) -> bool:
+    """Whether a scorer's selection removes one contiguous block of layers."""
+    return bool(getattr(scorer, "block", False))
+
+
+def get_scorer(scorer: Any, unit: str | None = None) -> Any:
+    """The scorer object for a registered name (an object passes through), checked against
+    the contract and ``available()``. With ``unit``, a scorer of another unit is replaced by
+    the counterpart it declares for ``unit`` (``taylor`` → ``neuron_taylor`` for neurons)."""
+    reg = plugins.get_plugins().scorers
+    obj = reg.get(scorer) if isinstance(scorer, str) else scorer
+    if unit is not None and obj.unit != unit:
+        other = getattr(obj, "counterparts", {}).get(unit)
+        if other is None:
+            raise ValueError(
+                f"scorer {obj.name!r} scores {obj.unit}, not {unit}; {unit} scorers: "
+                + ", ".join(n for n in reg.names() if reg.get(n).unit == unit)
+            )
+        return get_scorer(other, unit)
+    if obj.unit not in _UNITS or getattr(obj, "kind", None) not in _KINDS:
+        raise ValueError(
+            f"scorer {obj.name!r}: unit must be one of {_UNITS} (got {obj.unit!r}) and kind "
+            f"one of {_KINDS} (got {getattr(obj, 'kind', None)!r})"
+        )
+    check_available(obj, "scorer")
+    return obj
+
+
+def scorer_options(
+    pairs: Iterable[str] | None, scorers: Sequence[Any], flag: str = "--scorer-opt"
+) -> dict[str, dict[str, str]]:
+    """CLI ``key=value`` pairs → ``{scorer name: {key: value}}`` for ``configs=``.
+
+    ``name.key=value`` sets an option of scorer ``name``; a plain ``key=value`` goes to every
+    one of ``scorers`` (objects) whose config has a field ``key``. Either way an option no
+    requested scorer takes is an error naming the valid ones."""
+    objs = {s.name: s for s in scorers}
+    out: dict[str, dict[str, str]] = {}
+    for key, value in parse_options(pairs, flag).items():
+        name, dot, option = key.rpartition(".")
+        if dot and name not in objs:
+            raise ValueError(
+                f"{flag} {key}={value}: {name!r} is not a requested scorer "
+                f"({', '.join(objs) or 'none'})"
+            )
+        takers = [objs[name]] if dot else [s for s in objs.values() if _has_option(s, option)]
+        if not takers or not all(_has_option(s, option) for s in takers):
+            valid = sorted(f"{s.name}.{f}" for s in objs.values() for f in _option_names(s))
+            raise ValueError(
+                f"{flag} {key}={value}: no requested scorer has option {option!r}; valid: "
+                f"{', '.join(valid) or '(none)'}"
+            )
+        for s in takers:
+            out.setdefault(s.name, {})[option] = value
+    return out
+
+
+def _option_names(scorer: Any) -> list[str]:
+    return list(option_fields(scorer.config_class))
+
+
+def _has_option(scorer: Any, option: str) -> bool:
+    return option in _option_names(scorer)
+
+
+# ---- results ---------------------------------------------------------------------------------
+def group_sums(row: torch.Tensor, shape: LayerShape) -> torch.Tensor:
+    """A layer's per-query-head scores summed per KV group (``[n_kv_heads]``)."""
+    return row.reshape(shape.n_kv_heads, shape.group_size).sum(1)
 
 
 @dataclass
@@ -32,13 +174,13 @@ class Scores:
 
     # ---- mapping -----------------------------------------------------------------------
     def __getitem__(self, name: str) -> Value:
-        try:
-            return self.values[name]
-        except KeyError:
+        if name not in self.values:
+            held = ", ".join(self.values) or "(none)"
             raise KeyError(
-                f"no scores for {name!r}; these scores hold {', '.join(self.values) or '(none)'}"
-                " -- add the scorer to score(..., scorers=[...])"
-            ) from None
+                f"no scores for {name!r}; these scores hold {held} -- add the scorer to "
+                "score(..., scorers=[...])"
+            )
+        return self.values[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self.values
@@ -61,21 +203,16 @@ class Scores:
         return len(self.shapes)
 
     def layer_rows(self, name: str) -> list[torch.Tensor]:
-        """The scores of ``name`` as one tensor per layer (heads / neurons)."""
-        v = self[name]
-        return list(v) if isinstance(v, torch.Tensor) else list(v)
+        """The scores of ``name`` as one tensor per layer (a stacked tensor or a list)."""
+        return list(self[name])
 
     def head_groups(self, name: str) -> Value:
         """Per-KV-group aggregate of a head score: the sum over each group's query heads,
         ``[L, n_kv]`` (a list when the group counts differ between layers)."""
         if self.unit(name) != "heads":
             raise ValueError(f"{name!r} scores {self.units[name]}, not heads")
-        rows = []
-        for row, s in zip(self.layer_rows(name), self.shapes, strict=True):
-            rows.append(row.reshape(s.n_kv_heads, s.group_size).sum(1))
-        if all(r.shape == rows[0].shape for r in rows):
-            return torch.stack(rows)
-        return rows
+        pairs = zip(self.layer_rows(name), self.shapes, strict=True)
+        return stack_or_list([group_sums(row, s) for row, s in pairs])
 
     def merge(self, other: Scores) -> Scores:
         """Scores of both (``other`` wins on a name clash)."""
@@ -122,13 +259,15 @@ class Scores:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Scores:
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
-            path = Path(text_or_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"scores file {path} does not exist")
-            text = path.read_text()
-        return cls.from_dict(json.loads(text))
+        """Read scores from inline JSON or a file (``FileNotFoundError`` if it is missing)."""
+        return cls.from_dict(read_json_object(text_or_path, "scores"))
+
+
+def stack_or_list(rows: list[torch.Tensor]) -> Value:
+    """One tensor when every layer has the same width, else the per-layer list."""
+    if rows and all(r.shape == rows[0].shape for r in rows):
+        return torch.stack(rows)
+    return rows
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -172,82 +311,97 @@ def _samples_tensor(samples: Any) -> torch.Tensor:
     return samples.long()
 
 
-def get_scorer(name: str, unit: str | None = None) -> Any:
-    """The registered scorer ``name``; with ``unit`` also accepts the unit-less alias of the
-    neuron scorers (``"taylor"`` → ``"neuron_taylor"`` for neurons)."""
-    from prunekit.plugins import get_plugins
+def _resolve(scorers: Any, configs: Mapping[str, Any] | None) -> tuple[dict, dict]:
+    """``{name: scorer}`` and ``{name: config}`` for the requested scorers (names or objects;
+    ``configs`` keyed by name, each a config instance or a mapping of its options)."""
+    if isinstance(scorers, str):
+        scorers = [s for s in scorers.split(",") if s]
+    if not scorers:
+        raise ValueError("no scorers requested; pass e.g. scorers=['block_influence']")
+    objs: dict[str, Any] = {}
+    for s in scorers:
+        obj = get_scorer(s)
+        objs.setdefault(obj.name, obj)
+    configs = dict(configs or {})
+    unknown = set(configs) - set(objs)
+    if unknown:
+        raise ValueError(f"configs given for scorers not requested: {sorted(unknown)}")
+    cfgs = {n: build_config(s, configs.get(n), section=f"scorer {n}") for n, s in objs.items()}
+    return objs, cfgs
 
-    reg = get_plugins().scorers
-    if unit is not None and name in reg and reg.get(name).unit != unit:
-        alias = f"neuron_{name}" if unit == "neurons" else None
-        if alias and alias in reg:
-            return reg.get(alias)
+
+def _model_shapes(model: Any, sequential: bool) -> tuple[Any, list[LayerShape]]:
+    """The adapter and layer shapes of a loaded model or (sequential mode) a model directory."""
+    if not isinstance(model, (str, Path)):
+        adapter = plugins.get_adapter(model)
+        return adapter, adapter.shapes(model)
+    if not sequential:
         raise ValueError(
-            f"scorer {name!r} scores {reg.get(name).unit}, not {unit}; {unit} scorers: "
-            + ", ".join(n for n in reg.names() if reg.get(n).unit == unit)
+            "a model directory is scored in sequential mode only (sequential=True); "
+            "otherwise load it first with prunekit.load_model"
         )
-    return reg.get(name)
+    if not is_model_dir(model):
+        raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
+    from prunekit.core.io import read_config
+
+    config = read_config(model)
+    adapter = plugins.get_adapter(config)
+    return adapter, adapter.config_shapes(config)
+
+
+def _run_forward(model, samples, ctx, objs, cfgs, *, batch_size, progress) -> dict[str, Value]:
+    accs = {n: s.accumulator(ctx, cfgs[n]) for n, s in objs.items() if s.kind == "forward"}
+    if accs:
+        run = capture_sequential if ctx.sequential else capture
+        run(model, samples, list(accs.values()), batch_size=batch_size, progress=progress)
+    return {n: a.result() for n, a in accs.items()}
+
+
+def _run_gradient(model, samples, ctx, objs, cfgs, *, batch_size, progress) -> dict[str, Value]:
+    gradient = {n: s for n, s in objs.items() if s.kind == "gradient"}
+    if not gradient:
+        return {}
+    accs = {n: s.accumulator(ctx, cfgs[n]) for n, s in gradient.items()}
+    params = [p for s in gradient.values() for p in s.params(model, ctx.adapter)]
+    capture_gradients(
+        model, samples, list(accs.values()), params=params, batch_size=batch_size, progress=progress
+    )
+    return {n: a.result() for n, a in accs.items()}
+
+
+def _run_custom(model, samples, ctx, objs, cfgs, *, batch_size, progress) -> dict[str, Value]:
+    return {
+        n: s.run(model, samples, ctx, cfgs[n], batch_size=batch_size, progress=progress)
+        for n, s in objs.items()
+        if s.kind == "custom"
+    }
 
 
 def score(
     model: nn.Module | str | Path,
     samples: torch.Tensor,
-    scorers: Sequence[str],
+    scorers: Sequence[Any],
     *,
-    batch_size: int = 8,
+    configs: Mapping[str, Any] | None = None,
     sequential: bool = False,
+    batch_size: int = 8,
     progress: bool = True,
-    configs: dict[str, Any] | None = None,
 ) -> Scores:
-    """Run ``scorers`` (registered names) on calibration ``samples`` (token ids
-    ``[N, seq_len]``) → :class:`Scores`.
+    """Run ``scorers`` (registered names or scorer objects) on calibration ``samples`` (token
+    ids ``[N, seq_len]``) → :class:`Scores`.
 
     All forward-only scorers share one capture pass; gradient scorers share one
     forward + backward pass per batch; custom scorers run their own passes.
     ``sequential=True`` runs the model layer by layer (see :mod:`prunekit.core.capture`);
     ``model`` may then be a model directory whose layers are loaded one at a time.
-    ``configs`` maps a scorer name to its config dataclass or a dict of its fields.
+    ``configs`` maps a scorer name to its config dataclass or a mapping of its options
+    (strings from the CLI are coerced to the field types, see :func:`scorer_options`).
     """
-    from prunekit.core.capture import (
-        Context,
-        capture,
-        capture_gradients,
-        capture_sequential,
-        is_model_dir,
-    )
-    from prunekit.plugins import get_adapter
-
-    if isinstance(scorers, str):
-        scorers = [s for s in scorers.split(",") if s]
-    if not scorers:
-        raise ValueError("no scorers requested; pass e.g. scorers=['block_influence']")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     samples = _samples_tensor(samples)
-    configs = dict(configs or {})
-    unknown = set(configs) - set(scorers)
-    if unknown:
-        raise ValueError(f"configs given for scorers not requested: {sorted(unknown)}")
-    objs = {name: get_scorer(name) for name in dict.fromkeys(scorers)}
-    cfgs = {name: objs[name].make_config(configs.get(name)) for name in objs}
-
-    path_mode = isinstance(model, (str, Path))
-    if path_mode:
-        if not sequential:
-            raise ValueError(
-                "a model directory is scored in sequential mode only (sequential=True); "
-                "otherwise load it first with prunekit.load_model"
-            )
-        if not is_model_dir(model):
-            raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
-        from prunekit.core.io import read_config
-
-        config = read_config(model)
-        adapter = get_adapter(config)
-        shapes = adapter.config_shapes(config)
-    else:
-        adapter = get_adapter(model)
-        shapes = adapter.shapes(model)
+    objs, cfgs = _resolve(scorers, configs)
+    adapter, shapes = _model_shapes(model, sequential)
     if sequential:
         bad = [n for n, s in objs.items() if not s.sequential_ok or s.kind != "forward"]
         if bad:
@@ -255,67 +409,36 @@ def score(
                 f"scorers {bad} need whole-model passes (gradients or repeated forward passes) "
                 "and cannot run in sequential mode; drop them or use sequential=False"
             )
-    ctx = Context(
-        adapter=adapter,
-        shapes=shapes,
-        n_samples=samples.shape[0],
-        seq_len=samples.shape[1],
-        sequential=sequential,
-        causal=adapter.causal,
-    )
+    n, seq_len = samples.shape
+    ctx = Context(adapter, shapes, n, seq_len, sequential=sequential, causal=adapter.causal)
     started = time.perf_counter()
     results: dict[str, Value] = {}
-    forward = {n: s.accumulator(ctx, cfgs[n]) for n, s in objs.items() if s.kind == "forward"}
-    if forward:
-        if sequential:
-            capture_sequential(
-                model, samples, list(forward.values()), batch_size=batch_size, progress=progress
-            )
-        else:
-            capture(
-                model, samples, list(forward.values()), batch_size=batch_size, progress=progress
-            )
-        results.update({n: a.result() for n, a in forward.items()})
-    gradient = {n: s for n, s in objs.items() if s.kind == "gradient"}
-    if gradient:
-        accs = {n: s.accumulator(ctx, cfgs[n]) for n, s in gradient.items()}
-        params: list[nn.Parameter] = []
-        for s in gradient.values():
-            params += s.params(model, adapter)
-        capture_gradients(
-            model,
-            samples,
-            list(accs.values()),
-            params=params,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        results.update({n: a.result() for n, a in accs.items()})
-    for n, s in objs.items():
-        if s.kind == "custom":
-            results[n] = s.run(
-                model, samples, ctx, cfgs[n], batch_size=batch_size, progress=progress
-            )
-    for n, s in objs.items():
-        if s.kind not in ("forward", "gradient", "custom"):
-            raise ValueError(f"scorer {n!r} has unknown kind {s.kind!r}")
+    for stage in (_run_forward, _run_gradient, _run_custom):
+        results |= stage(model, samples, ctx, objs, cfgs, batch_size=batch_size, progress=progress)
     meta = {
         "scorers": {n: _config_dict(cfgs[n]) for n in objs},
-        "n_samples": int(samples.shape[0]),
-        "seq_len": int(samples.shape[1]),
+        "n_samples": int(n),
+        "seq_len": int(seq_len),
         "sequential": bool(sequential),
         "seconds": round(time.perf_counter() - started, 3),
     }
     ordered = {n: results[n] for n in objs}
-    return Scores(ordered, {n: objs[n].unit for n in objs}, list(shapes), meta)
+    return Scores(ordered, {n: s.unit for n, s in objs.items()}, list(shapes), meta)
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
     if hasattr(cfg, "to_dict"):
         return cfg.to_dict()
-    from dataclasses import asdict, is_dataclass
-
     return asdict(cfg) if is_dataclass(cfg) else {}
 
 
-__all__ = ["Scores", "get_scorer", "score"]
+__all__ = [
+    "Scorer",
+    "Scores",
+    "get_scorer",
+    "group_sums",
+    "is_block",
+    "score",
+    "scorer_options",
+    "stack_or_list",
+]

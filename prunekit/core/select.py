@@ -10,10 +10,10 @@ Rules (each enforced, each covered by property-based tests):
   removed. In ``per_layer`` mode their heads and neurons are left whole too; ``uniform`` mode
   prunes every kept layer by the same amount (that is what makes the result loadable by a
   stock config), so protection there applies to whole-layer removal only.
-- **Layers.** The lowest-scoring unprotected layers go. ``angular_distance`` (which scores
-  blocks) and ``contiguous=True`` select one contiguous block of the requested size: the start
-  l minimising ``D[n-1, l]`` for angular distance (Gromov et al.), the minimal score sum
-  otherwise.
+- **Layers.** The lowest-scoring unprotected layers go. A block scorer (``block = True`` in
+  its metadata, e.g. ``angular_distance``) and ``contiguous=True`` select one contiguous block
+  of the requested size: the start l minimising ``D[n-1, l]`` for a block scorer's matrix
+  (Gromov et al.), the minimal score sum otherwise.
 - **Heads (GQA).** ``head_removal="groups"`` removes whole KV groups (a group's score is the
   sum of its query heads' scores); ``"per_group"`` removes the same number of query heads from
   every KV group of a layer (the lowest-scoring ones in each group). Either way every layer
@@ -25,139 +25,30 @@ Rules (each enforced, each covered by property-based tests):
   **Per-layer mode** ranks units globally across layers and removes the lowest.
 - **Rounding.** Kept MLP widths are rounded to the nearest multiple of ``round_to`` (never
   above the layer's width and never below ``round_to``; ``round_to=1`` disables it).
-- **Iterative layers** (SLEB, Song et al. 2024): with ``iterative_layers=k > 1``,
-  :func:`plan_for` removes layers in k steps and re-scores the model (with the layers chosen so
-  far masked out) before each step, instead of ranking once.
+- **Layer steps** (SLEB, Song et al. 2024): with ``layer_steps=k > 1``, :func:`plan_for`
+  removes the layers of *one* selection in k steps and re-scores the model (with the layers
+  chosen so far masked out) before each step, instead of ranking once. This is a loop inside
+  one selection, on a model that is not modified; the recipe's ``iterative`` is the outer loop
+  that repeats score → select → prune (→ recover) on the pruned model. ``iterative_layers`` is
+  the old name of ``layer_steps`` and still accepted.
+
+Scorer names are resolved once (:func:`resolve_scorers`); the selection holds the scorer
+objects and reads their metadata (``block``), never their names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
-from prunekit.core.scores import Scores, get_scorer
-
-MODES = ("uniform", "per_layer")
-HEAD_REMOVALS = ("groups", "per_group")
-
-
-def _check_amount(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a float in [0, 1) or an int >= 0, got {value!r}")
-    if isinstance(value, float) and not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"{name}={value!r}: a float is a fraction in [0, 1); use an int for a count"
-        )
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-@dataclass
-class Targets:
-    """How much to remove and how to choose it."""
-
-    layers: float | int = field(
-        default=0, metadata={"help": "layers to remove: fraction in [0, 1) or count"}
-    )
-    heads: float | int = field(
-        default=0,
-        metadata={"help": "query heads to remove (of the kept layers): fraction or count"},
-    )
-    neurons: float | int = field(
-        default=0,
-        metadata={"help": "MLP neurons to remove (of the kept layers): fraction or count"},
-    )
-    layer_scorer: str = field(default="block_influence", metadata={"help": "layer scorer"})
-    head_scorer: str = field(default="taylor", metadata={"help": "head scorer"})
-    neuron_scorer: str = field(
-        default="activation_frequency",
-        metadata={"help": "neuron scorer ('taylor'/'magnitude' mean the neuron variants)"},
-    )
-    protect_first: int = field(default=1, metadata={"help": "first layers never removed"})
-    protect_last: int = field(default=1, metadata={"help": "last layers never removed"})
-    min_heads: int = field(default=1, metadata={"help": "query heads every layer keeps (>= 1)"})
-    mode: str = field(
-        default="uniform",
-        metadata={"help": "'uniform': same count per layer (stock config); 'per_layer': global"},
-    )
-    head_removal: str = field(
-        default="groups",
-        metadata={"help": "'groups': whole KV groups; 'per_group': same count from each group"},
-    )
-    round_to: int = field(
-        default=64, metadata={"help": "kept MLP width multiple (1 disables rounding)"}
-    )
-    contiguous: bool = field(
-        default=False,
-        metadata={"help": "remove one contiguous block of layers (always so for angular_distance)"},
-    )
-    iterative_layers: int = field(
-        default=1, metadata={"help": "re-score after each of this many layer-removal steps"}
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("layers", "heads", "neurons"):
-            _check_amount(name, getattr(self, name))
-        for name in ("protect_first", "protect_last"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("min_heads", "round_to", "iterative_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.head_removal not in HEAD_REMOVALS:
-            raise ValueError(
-                f"head_removal must be one of {HEAD_REMOVALS}, got {self.head_removal!r}"
-            )
-        for name in ("layer_scorer", "head_scorer", "neuron_scorer"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a scorer name")
-        if self.iterative_layers > 1 and self.block_mode:
-            raise ValueError(
-                "iterative_layers > 1 re-scores single layers; it cannot be combined with "
-                "contiguous block selection (contiguous=True or layer_scorer='angular_distance')"
-            )
-
-    @property
-    def block_mode(self) -> bool:
-        """Whether layers are removed as one contiguous block."""
-        return self.contiguous or self.layer_scorer == "angular_distance"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Targets:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown target keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def scorer_names(self) -> dict[str, str]:
-        """unit → registered scorer name, for the units that have a target."""
-        out = {}
-        if self.layers:
-            out["layers"] = get_scorer(self.layer_scorer, "layers").name
-        if self.heads:
-            out["heads"] = get_scorer(self.head_scorer, "heads").name
-        if self.neurons:
-            out["neurons"] = get_scorer(self.neuron_scorer, "neurons").name
-        return out
-
-
-def count_of(amount: float | int, total: int) -> int:
-    """Units a target asks for out of ``total``."""
-    if isinstance(amount, float):
-        return int(round(amount * total))
-    return int(amount)
+from prunekit.core.scores import Scores, get_scorer, group_sums, is_block, score
+from prunekit.core.targets import Targets, count_of, resolve_scorers, scorer_configs
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -167,14 +58,20 @@ def _layer_vector(values: torch.Tensor) -> torch.Tensor:
 
 
 def select_layers(
-    scores: Scores, targets: Targets, *, already: list[int] | None = None, count: int | None = None
+    scores: Scores,
+    targets: Targets,
+    *,
+    already: list[int] | None = None,
+    count: int | None = None,
+    scorer: Any = None,
 ) -> list[int]:
-    """Layers to remove (sorted), ``already`` removed ones included, ``count`` in total."""
+    """Layers to remove (sorted), ``already`` removed ones included, ``count`` in total.
+    ``scorer``: the resolved layer scorer (resolved from ``targets`` when not given)."""
     L = scores.n_layers
     already = sorted(already or [])
     k = count_of(targets.layers, L) if count is None else count
-    name = get_scorer(targets.layer_scorer, "layers").name
-    values = scores[name]
+    scorer = scorer or get_scorer(targets.layer_scorer, "layers")
+    values = scores[scorer.name]
     lo, hi = targets.protect_first, L - targets.protect_last
     allowed = [i for i in range(max(lo, 0), max(hi, 0)) if i not in already]
     need = k - len(already)
@@ -188,23 +85,29 @@ def select_layers(
         )
     if k >= L:
         raise ValueError(f"layers target removes all {L} layers; keep at least one")
-    if targets.block_mode:
+    if targets.contiguous or is_block(scorer):
         if already:
             raise ValueError("contiguous block selection does not combine with removed layers")
-        best, best_cost = None, math.inf
-        for start in range(lo, hi - k + 1):
-            if values.dim() == 2:
-                cost = float(values[k - 1, start])
-            else:
-                cost = float(values[start : start + k].sum())
-            if not math.isnan(cost) and cost < best_cost:
-                best, best_cost = start, cost
-        if best is None:
-            raise ValueError(f"no block of {k} unprotected layers has a finite score")
-        return list(range(best, best + k))
+        return _best_block(values, k, lo, hi)
     vec = _layer_vector(values)
     order = sorted(allowed, key=lambda i: (float(vec[i]), i))
     return sorted(already + order[:need])
+
+
+def _best_block(values: torch.Tensor, k: int, lo: int, hi: int) -> list[int]:
+    """The ``k`` contiguous layers within [lo, hi) cheapest to remove: by a block matrix's
+    ``D[k-1, start]``, or by the sum of per-layer scores."""
+    best, best_cost = None, math.inf
+    for start in range(lo, hi - k + 1):
+        if values.dim() == 2:
+            cost = float(values[k - 1, start])
+        else:
+            cost = float(values[start : start + k].sum())
+        if not math.isnan(cost) and cost < best_cost:
+            best, best_cost = start, cost
+    if best is None:
+        raise ValueError(f"no block of {k} unprotected layers has a finite score")
+    return list(range(best, best + k))
 
 
 # ---- heads -----------------------------------------------------------------------------------
@@ -216,6 +119,20 @@ def _pool(scores: Scores, targets: Targets, removed: list[int]) -> list[int]:
     return kept
 
 
+def _unit_pool(
+    scores: Scores, targets: Targets, removed: list[int], scorer: Any, unit: str
+) -> tuple[list[torch.Tensor], list[int], int]:
+    """For heads or neurons: the per-layer score rows of ``scorer`` (resolved from the
+    targets if ``None``), the layers that may lose units, and how many units to remove (0 when
+    none may)."""
+    scorer = scorer or get_scorer(targets.scorer_name(unit), unit)
+    rows = scores.layer_rows(scorer.name)
+    pool = _pool(scores, targets, removed)
+    size = "n_heads" if unit == "heads" else "intermediate"
+    k = count_of(getattr(targets, unit), sum(getattr(scores.shapes[i], size) for i in pool))
+    return rows, pool, k if pool else 0
+
+
 def _uniform_step_error(what: str, asked: int, step: int, hint: str) -> ValueError:
     return ValueError(
         f"{what} target ({asked}) is below half the smallest uniform step ({step}: one unit in "
@@ -223,23 +140,18 @@ def _uniform_step_error(what: str, asked: int, step: int, hint: str) -> ValueErr
     )
 
 
-def select_heads(scores: Scores, targets: Targets, removed_layers: list[int]) -> dict:
-    name = get_scorer(targets.head_scorer, "heads").name
-    rows = scores.layer_rows(name)
-    pool = _pool(scores, targets, removed_layers)
-    shapes = scores.shapes
-    total = sum(shapes[i].n_heads for i in pool)
-    k = count_of(targets.heads, total)
-    if k == 0 or not pool:
+def select_heads(
+    scores: Scores, targets: Targets, removed_layers: list[int], scorer: Any = None
+) -> dict:
+    """Query heads to remove per kept layer (see the module doc for the GQA rules)."""
+    rows, pool, k = _unit_pool(scores, targets, removed_layers, scorer, "heads")
+    if k == 0:
         return {}
+    shapes = scores.shapes
     by_groups = targets.head_removal == "groups" or any(shapes[i].group_size == 1 for i in pool)
     if targets.mode == "uniform":
         return _heads_uniform(rows, shapes, pool, k, targets, by_groups)
     return _heads_per_layer(rows, shapes, pool, k, targets, by_groups)
-
-
-def _group_scores(row: torch.Tensor, s) -> torch.Tensor:
-    return row.reshape(s.n_kv_heads, s.group_size).sum(1)
 
 
 def _check_keep(s, n_heads_kept: int, n_groups_kept: int, targets: Targets, layer: int) -> None:
@@ -266,7 +178,7 @@ def _heads_uniform(rows, shapes, pool, k, targets, by_groups) -> dict:
             raise _uniform_step_error("heads", k, step, "use head_removal='per_group'")
         for i in pool:
             _check_keep(s, (s.n_kv_heads - r) * s.group_size, s.n_kv_heads - r, targets, i)
-            g = _group_scores(rows[i], s)
+            g = group_sums(rows[i], s)
             drop = sorted(torch.argsort(g, stable=True)[:r].tolist())
             out[i] = [gi * s.group_size + j for gi in drop for j in range(s.group_size)]
         return out
@@ -300,7 +212,7 @@ def _heads_per_layer(rows, shapes, pool, k, targets, by_groups) -> dict:
     if by_groups:
         units = []
         for i in pool:
-            g = _group_scores(rows[i], shapes[i])
+            g = group_sums(rows[i], shapes[i])
             units += [(float(g[gi]), i, gi) for gi in range(shapes[i].n_kv_heads)]
         units.sort()
         gone = {i: 0 for i in pool}
@@ -351,14 +263,13 @@ def round_width(kept: int, width: int, round_to: int) -> int:
     return max(round_to, r)
 
 
-def select_neurons(scores: Scores, targets: Targets, removed_layers: list[int]) -> dict:
-    name = get_scorer(targets.neuron_scorer, "neurons").name
-    rows = scores.layer_rows(name)
-    pool = _pool(scores, targets, removed_layers)
+def select_neurons(
+    scores: Scores, targets: Targets, removed_layers: list[int], scorer: Any = None
+) -> dict:
+    """MLP neurons to remove per kept layer, kept widths rounded to ``targets.round_to``."""
     shapes = scores.shapes
-    total = sum(shapes[i].intermediate for i in pool)
-    k = count_of(targets.neurons, total)
-    if k == 0 or not pool:
+    rows, pool, k = _unit_pool(scores, targets, removed_layers, scorer, "neurons")
+    if not k:
         return {}
     if targets.mode == "uniform":
         r = int(round(k / len(pool)))
@@ -385,18 +296,32 @@ def select_neurons(scores: Scores, targets: Targets, removed_layers: list[int]) 
 
 
 # ---- the API ---------------------------------------------------------------------------------
-def select(scores: Scores, targets: Targets, *, layers: list[int] | None = None) -> PrunePlan:
+def select(
+    scores: Scores,
+    targets: Targets,
+    *,
+    layers: list[int] | None = None,
+    scorers: Mapping[str, Any] | None = None,
+) -> PrunePlan:
     """Turn scores into a plan of units to remove (see the module doc for the rules).
-    ``layers``: layers already chosen (e.g. by iterative re-scoring); selected otherwise."""
+    ``layers``: layers already chosen (e.g. by re-scoring in steps); selected otherwise.
+    ``scorers``: unit → scorer object from :func:`resolve_scorers` (resolved here if not
+    given)."""
     if not scores.shapes:
         raise ValueError("scores carry no layer shapes; make them with prunekit.score")
+    scorers = resolve_scorers(targets) if scorers is None else scorers
     if layers is None:
-        layers = select_layers(scores, targets) if targets.layers else []
+        layers = select_layers(scores, targets, scorer=scorers["layers"]) if targets.layers else []
     plan = PrunePlan(
         layers=layers,
-        heads=select_heads(scores, targets, layers) if targets.heads else {},
-        neurons=select_neurons(scores, targets, layers) if targets.neurons else {},
-        meta={"targets": targets.to_dict(), "scorers": targets.scorer_names()},
+        heads=select_heads(scores, targets, layers, scorers["heads"]) if targets.heads else {},
+        neurons=(
+            select_neurons(scores, targets, layers, scorers["neurons"]) if targets.neurons else {}
+        ),
+        meta={
+            "targets": targets.to_dict(),
+            "scorers": {unit: obj.name for unit, obj in scorers.items()},
+        },
     )
     if not plan.is_empty():
         plan.validate(scores.shapes)
@@ -410,50 +335,70 @@ def plan_for(
     *,
     progress: bool = True,
     batch_size: int = 8,
-    configs: dict[str, Any] | None = None,
+    configs: Mapping[str, Any] | None = None,
+    scorers: Mapping[str, Any] | None = None,
 ) -> tuple[PrunePlan, Scores]:
     """Score exactly what ``targets`` need (one capture pass for the forward-only scorers) and
-    select. With ``iterative_layers > 1`` the layers are removed in that many steps, each
-    re-scored with the layers chosen so far masked out; the head and neuron scores are then
-    computed with all chosen layers masked."""
-    from prunekit.core.masking import masked
-    from prunekit.core.scores import score
-
-    names = targets.scorer_names()
-    if not names:
+    select. ``scorers``: unit → scorer object from :func:`resolve_scorers` (resolved here if
+    not given); ``configs``: scorer name → options, on top of ``targets.scorer_options``.
+    With ``layer_steps > 1`` the layers are removed in that many steps, each re-scored with
+    the layers chosen so far masked out; the head and neuron scores are then computed with all
+    chosen layers masked."""
+    scorers = resolve_scorers(targets) if scorers is None else dict(scorers)
+    if not scorers:
         raise ValueError("targets remove nothing: set layers, heads or neurons")
-    configs = configs or {}
+    cfgs = scorer_configs(targets, scorers, configs)
 
-    def run(which: list[str]) -> Scores:
-        cfg = {n: configs[n] for n in which if n in configs}
-        return score(model, samples, which, batch_size=batch_size, progress=progress, configs=cfg)
+    def run(units: list[str], removed: list[int]) -> Scores:
+        objs = list({scorers[u].name: scorers[u] for u in units}.values())
+        cfg = {s.name: cfgs[s.name] for s in objs if s.name in cfgs}
+        mask = masked(model, PrunePlan(layers=removed)) if removed else contextlib.nullcontext()
+        with mask:
+            return score(
+                model, samples, objs, batch_size=batch_size, progress=progress, configs=cfg
+            )
 
-    if targets.iterative_layers <= 1 or "layers" not in names:
-        scores = run(list(dict.fromkeys(names.values())))
-        return select(scores, targets), scores
+    if targets.layer_steps <= 1 or "layers" not in scorers:
+        scores = run(list(scorers), [])
+        return select(scores, targets, scorers=scorers), scores
+    removed, history, scores = _layers_in_steps(model, targets, scorers["layers"], run)
+    others = [u for u in scorers if u != "layers"]
+    if others:
+        scores = scores.merge(run(others, removed))
+    scores.meta["layer_steps"] = history
+    plan = select(scores, targets, layers=removed, scorers=scorers)
+    plan.meta["layer_steps"] = history
+    return plan, scores
+
+
+def _layers_in_steps(model, targets: Targets, scorer, run) -> tuple[list[int], list, Scores]:
+    """SLEB-style layer selection: ``targets.layer_steps`` rounds of score (with the layers
+    chosen so far masked) and select; returns the layers, the per-step history and the last
+    layer scores."""
     from prunekit.plugins import get_adapter
 
-    L = len(get_adapter(model).layers(model))
-    k = count_of(targets.layers, L)
-    steps = min(targets.iterative_layers, k) or 1
+    k = count_of(targets.layers, len(get_adapter(model).layers(model)))
+    steps = min(targets.layer_steps, k) or 1
     sizes = [k // steps + (1 if s < k % steps else 0) for s in range(steps)]
     removed: list[int] = []
     history = []
     layer_scores = None
     for size in sizes:
-        with masked(model, PrunePlan(layers=removed)):
-            layer_scores = run([names["layers"]])
-        removed = select_layers(layer_scores, targets, already=removed, count=len(removed) + size)
+        layer_scores = run(["layers"], removed)
+        removed = select_layers(
+            layer_scores, targets, already=removed, count=len(removed) + size, scorer=scorer
+        )
         history.append(list(removed))
-    scores = layer_scores
-    others = [n for u, n in names.items() if u != "layers"]
-    if others:
-        with masked(model, PrunePlan(layers=removed)):
-            scores = scores.merge(run(list(dict.fromkeys(others))))
-    scores.meta["iterative_layers"] = history
-    plan = select(scores, targets, layers=removed)
-    plan.meta["iterative_layers"] = history
-    return plan, scores
+    return removed, history, layer_scores
 
 
-__all__ = ["Targets", "count_of", "plan_for", "round_width", "select", "select_layers"]
+__all__ = [
+    "Targets",
+    "count_of",
+    "plan_for",
+    "resolve_scorers",
+    "round_width",
+    "scorer_configs",
+    "select",
+    "select_layers",
+]

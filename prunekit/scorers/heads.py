@@ -3,68 +3,63 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from prunekit.core.capture import Accumulator, Context
-from prunekit.scorers.base import Scorer, stack_or_list
+from prunekit.scorers.base import (
+    MagnitudeAccumulator,
+    Scorer,
+    TaylorAccumulator,
+    TaylorConfig,
+    stack_or_list,
+    weight_grad,
+)
 
 
-def linear_weight(module: torch.nn.Module) -> torch.Tensor:
-    """A projection's weight in ``nn.Linear`` layout ``[out, in]`` (GPT-2's Conv1D is
-    ``[in, out]``)."""
-    w = module.weight
-    return w.t() if hasattr(module, "nf") else w
-
-
-def head_units(adapter, layer) -> tuple[torch.Tensor, torch.Tensor]:
+def head_units(adapter, layer, *, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query head h: the rows of W_q belonging to h (``[n_heads, d, hidden]``) and the
-    columns of W_o reading h's output (``[n_heads, d, hidden]``)."""
+    columns of W_o reading h's output (``[n_heads, d, hidden]``); with ``grad`` the same
+    views of their gradients."""
     s = adapter.layer_shape(layer)
     q, _, _ = adapter.qkv_projections(layer)
-    wq = linear_weight(q).reshape(s.n_heads, s.head_dim, -1)
-    wo = linear_weight(adapter.head_output_projection(layer))
+    o = adapter.head_output_projection(layer)
+    get = (lambda p: weight_grad(adapter, p)) if grad else adapter.linear_weight
+    wq, wo = get(q), get(o)
+    wq = wq.reshape(s.n_heads, s.head_dim, -1)
     wo = wo.reshape(wo.shape[0], s.n_heads, s.head_dim).permute(1, 2, 0)
     return wq, wo
 
 
 # ---- magnitude -------------------------------------------------------------------------------
-class _HeadMagnitude(Accumulator):
-    taps = frozenset({"weights"})
-
-    def __init__(self, ctx: Context):
-        self.adapter = ctx.adapter
-        self.rows: list[torch.Tensor | None] = [None] * ctx.n_layers
-
-    def on_weights(self, i, layer):
+class _HeadMagnitude(MagnitudeAccumulator):
+    def parts(self, layer):
         wq, wo = head_units(self.adapter, layer)
-        sq = wq.float().pow(2).sum((1, 2)) + wo.float().pow(2).sum((1, 2))
-        self.rows[i] = sq.sqrt().cpu()
-
-    def result(self):
-        return stack_or_list(self.rows)
+        return [(wq, (1, 2)), (wo, (1, 2))]
 
 
 class HeadMagnitude(Scorer):
     """Weight magnitude of a head: the L2 norm of every weight that belongs to query head h
     only -- its rows of W_q and its columns of W_o:
     s_h = sqrt(‖W_q[h·d:(h+1)·d, :]‖²_F + ‖W_o[:, h·d:(h+1)·d]‖²_F).
-    (Torch-Pruning's group MagnitudeImportance with p = 2.) Needs no data."""
+    (Torch-Pruning's group MagnitudeImportance with p = 2.) Needs no data.
+
+    As a neuron scorer, ``magnitude`` means
+    :class:`~prunekit.scorers.neurons.NeuronMagnitude` (``counterparts``)."""
 
     name = "magnitude"
     unit = "heads"
+    counterparts = {"neurons": "neuron_magnitude"}
 
-    def accumulator(self, ctx, config):
-        return _HeadMagnitude(ctx)
+    accumulator_class = _HeadMagnitude
 
 
 # ---- output norm -----------------------------------------------------------------------------
 class _HeadOutputNorm(Accumulator):
     taps = frozenset({"weights", "head_inputs"})
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, config: Any = None):
         self.adapter = ctx.adapter
         L = ctx.n_layers
         self.gram: list[torch.Tensor | None] = [None] * L
@@ -99,72 +94,15 @@ class HeadOutputNorm(Scorer):
     name = "output_norm"
     unit = "heads"
 
-    def accumulator(self, ctx, config):
-        return _HeadOutputNorm(ctx)
+    accumulator_class = _HeadOutputNorm
 
 
 # ---- Taylor ----------------------------------------------------------------------------------
-@dataclass
-class TaylorConfig:
-    granularity: str = field(
-        default="element",
-        metadata={
-            "help": "'element': Σ_w |g·w| (LLM-Pruner element-wise); "
-            "'vector': |Σ_w g·w| (first-order loss change of removing the unit)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.granularity not in ("element", "vector"):
-            raise ValueError(f"granularity must be 'element' or 'vector', got {self.granularity!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"granularity": self.granularity}
-
-
-def taylor_reduce(prod: torch.Tensor, dims: tuple[int, ...], granularity: str) -> torch.Tensor:
-    if granularity == "element":
-        return prod.abs().sum(dims)
-    return prod.sum(dims).abs()
-
-
-class _HeadTaylor(Accumulator):
-    taps = frozenset({"gradients"})
-
-    def __init__(self, ctx: Context, config: TaylorConfig):
-        self.adapter = ctx.adapter
-        self.granularity = config.granularity
-        self.sums: list[torch.Tensor | None] = [None] * ctx.n_layers
-        self.batches = [0] * ctx.n_layers
-
-    def on_gradients(self, i, layer):
-        s = self.adapter.layer_shape(layer)
-        q, _, _ = self.adapter.qkv_projections(layer)
-        o = self.adapter.head_output_projection(layer)
+class _HeadTaylor(TaylorAccumulator):
+    def products(self, layer):
         wq, wo = head_units(self.adapter, layer)
-        gq = linear_weight_grad(q).reshape(s.n_heads, s.head_dim, -1)
-        go = linear_weight_grad(o)
-        go = go.reshape(go.shape[0], s.n_heads, s.head_dim).permute(1, 2, 0)
-        with torch.no_grad():
-            pq, po = (wq * gq).float(), (wo * go).float()
-            if self.granularity == "element":
-                v = pq.abs().sum((1, 2)) + po.abs().sum((1, 2))
-            else:
-                v = (pq.sum((1, 2)) + po.sum((1, 2))).abs()
-            v = v.double().cpu()
-        self.sums[i] = v if self.sums[i] is None else self.sums[i] + v
-        self.batches[i] += 1
-
-    def result(self):
-        pairs = zip(self.sums, self.batches, strict=True)
-        return stack_or_list([(s / b).float() for s, b in pairs])
-
-
-def linear_weight_grad(module: torch.nn.Module) -> torch.Tensor:
-    g = module.weight.grad
-    if g is None:
-        raise RuntimeError(f"{type(module).__name__} has no gradient; was backward() run?")
-    return g.t() if hasattr(module, "nf") else g
+        gq, go = head_units(self.adapter, layer, grad=True)
+        return [(wq * gq, (1, 2)), (wo * go, (1, 2))]
 
 
 class HeadTaylor(Scorer):
@@ -172,16 +110,19 @@ class HeadTaylor(Scorer):
     2023): with W_h the weights of query head h (its W_q rows and W_o columns) and g = ∂L/∂W
     the gradient of the calibration loss, ``element``: s_h = Σ_{w∈W_h} |g_w · w| (default),
     ``vector``: s_h = |Σ_{w∈W_h} g_w · w| ≈ |L(W_h = 0) − L|. Averaged over calibration
-    batches; one forward + backward pass per batch, shared with other gradient scorers."""
+    batches; one forward + backward pass per batch, shared with other gradient scorers.
+
+    As a neuron scorer, ``taylor`` means :class:`~prunekit.scorers.neurons.NeuronTaylor`
+    (``counterparts``), the same criterion over a neuron's weights."""
 
     name = "taylor"
     unit = "heads"
     kind = "gradient"
     config_class = TaylorConfig
     sequential_ok = False
+    counterparts = {"neurons": "neuron_taylor"}
 
-    def accumulator(self, ctx, config):
-        return _HeadTaylor(ctx, config)
+    accumulator_class = _HeadTaylor
 
     def params(self, model, adapter):
         out = []

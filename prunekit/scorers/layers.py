@@ -21,7 +21,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _BIAccumulator(Accumulator):
     taps = frozenset({"layer_io"})
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, config: Any = None):
         self.sums = torch.zeros(ctx.n_layers, dtype=torch.float64)
         self.counts = torch.zeros(ctx.n_layers, dtype=torch.float64)
 
@@ -47,8 +47,7 @@ class BlockInfluence(Scorer):
     name = "block_influence"
     unit = "layers"
 
-    def accumulator(self, ctx, config):
-        return _BIAccumulator(ctx)
+    accumulator_class = _BIAccumulator
 
 
 # ---- angular distance ------------------------------------------------------------------------
@@ -137,7 +136,8 @@ class AngularDistance(Scorer):
     ``token='all'``: every token). x^(l) is the input of layer l, x^(L) the last layer's output.
     Result: a matrix ``D[n-1, l]`` for block size n = 1..L and start layer l (NaN where
     l + n > L). Removing the n layers l..l+n-1 is cheapest at the l minimising ``D[n-1, l]``;
-    row 0 is a per-layer score (higher = keep).
+    row 0 is a per-layer score (higher = keep). ``block = True``: the selection removes the
+    contiguous block that minimises ``D[n-1, l]``.
 
     ``token='last'`` keeps only the last-token unit vectors (``[N, hidden]`` per boundary) and
     works in sequential mode; ``token='all'`` needs every boundary of one batch at once, so it
@@ -147,6 +147,7 @@ class AngularDistance(Scorer):
     name = "angular_distance"
     unit = "layers"
     config_class = AngularDistanceConfig
+    block = True
 
     def accumulator(self, ctx, config):
         if ctx.sequential and config.token == "all":

@@ -10,15 +10,17 @@ from typing import Any
 import torch
 
 from prunekit.core.capture import Accumulator, Context
+from prunekit.scorers import base
 from prunekit.scorers.base import Scorer, stack_or_list
-from prunekit.scorers.heads import TaylorConfig, linear_weight, linear_weight_grad
 
 
-def neuron_weights(adapter, layer) -> list[tuple[torch.Tensor, int]]:
-    """(weight in Linear layout, neuron dimension) for every projection a neuron owns."""
-    out = [(linear_weight(p), 0) for p in adapter.mlp_input_projections(layer)]
-    out.append((linear_weight(adapter.neuron_output_projection(layer)), 1))
-    return out
+def neuron_weights(adapter, layer, *, grad: bool = False) -> list[tuple[torch.Tensor, int]]:
+    """(weight in Linear layout, neuron dimension) for every projection a neuron owns; with
+    ``grad`` the weights' gradients instead."""
+    projs = [(p, 0) for p in adapter.mlp_input_projections(layer)]
+    projs.append((adapter.neuron_output_projection(layer), 1))
+    get = (lambda p: base.weight_grad(adapter, p)) if grad else adapter.linear_weight
+    return [(get(p), dim) for p, dim in projs]
 
 
 # ---- activation frequency --------------------------------------------------------------------
@@ -76,27 +78,13 @@ class ActivationFrequency(Scorer):
     unit = "neurons"
     config_class = ActivationFrequencyConfig
 
-    def accumulator(self, ctx, config):
-        return _Frequency(ctx, config)
+    accumulator_class = _Frequency
 
 
 # ---- magnitude -------------------------------------------------------------------------------
-class _NeuronMagnitude(Accumulator):
-    taps = frozenset({"weights"})
-
-    def __init__(self, ctx: Context):
-        self.adapter = ctx.adapter
-        self.rows: list[torch.Tensor | None] = [None] * ctx.n_layers
-
-    def on_weights(self, i, layer):
-        sq = None
-        for w, dim in neuron_weights(self.adapter, layer):
-            v = w.float().pow(2).sum(1 - dim)
-            sq = v if sq is None else sq + v
-        self.rows[i] = sq.sqrt().cpu()
-
-    def result(self):
-        return stack_or_list(self.rows)
+class _NeuronMagnitude(base.MagnitudeAccumulator):
+    def parts(self, layer):
+        return [(w, 1 - dim) for w, dim in neuron_weights(self.adapter, layer)]
 
 
 class NeuronMagnitude(Scorer):
@@ -107,23 +95,22 @@ class NeuronMagnitude(Scorer):
     name = "neuron_magnitude"
     unit = "neurons"
 
-    def accumulator(self, ctx, config):
-        return _NeuronMagnitude(ctx)
+    accumulator_class = _NeuronMagnitude
 
 
 # ---- Wanda (structured) ----------------------------------------------------------------------
 class _Wanda(Accumulator):
     taps = frozenset({"weights", "neuron_inputs"})
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, config: Any = None):
         self.adapter = ctx.adapter
-        L = ctx.n_layers
-        self.colsum: list[torch.Tensor | None] = [None] * L
-        self.sq: list[torch.Tensor | None] = [None] * L
-        self.counts = [0] * L
+        #: per layer: Σ_i |W_down[i, j]|, Σ_t a_{j,t}², token count
+        self.colsum: list[torch.Tensor | None] = [None] * ctx.n_layers
+        self.sq: list[torch.Tensor | None] = [None] * ctx.n_layers
+        self.counts = [0] * ctx.n_layers
 
     def on_weights(self, i, layer):
-        w = linear_weight(self.adapter.neuron_output_projection(layer))
+        w = self.adapter.linear_weight(self.adapter.neuron_output_projection(layer))
         self.colsum[i] = w.float().abs().sum(0).cpu()
 
     def on_neuron_inputs(self, i, a, layer):
@@ -147,41 +134,17 @@ class Wanda(Scorer):
     name = "wanda"
     unit = "neurons"
 
-    def accumulator(self, ctx, config):
-        return _Wanda(ctx)
+    accumulator_class = _Wanda
 
 
 # ---- Taylor ----------------------------------------------------------------------------------
-class _NeuronTaylor(Accumulator):
-    taps = frozenset({"gradients"})
-
-    def __init__(self, ctx: Context, config: TaylorConfig):
-        self.adapter = ctx.adapter
-        self.granularity = config.granularity
-        self.sums: list[torch.Tensor | None] = [None] * ctx.n_layers
-        self.batches = [0] * ctx.n_layers
-
-    def on_gradients(self, i, layer):
-        projs = [(p, 0) for p in self.adapter.mlp_input_projections(layer)]
-        projs.append((self.adapter.neuron_output_projection(layer), 1))
-        with torch.no_grad():
-            total = None
-            for p, dim in projs:
-                prod = (linear_weight(p) * linear_weight_grad(p)).float()
-                if self.granularity == "element":
-                    v = prod.abs().sum(1 - dim)
-                else:
-                    v = prod.sum(1 - dim)
-                total = v if total is None else total + v
-            if self.granularity == "vector":
-                total = total.abs()
-            total = total.double().cpu()
-        self.sums[i] = total if self.sums[i] is None else self.sums[i] + total
-        self.batches[i] += 1
-
-    def result(self):
-        pairs = zip(self.sums, self.batches, strict=True)
-        return stack_or_list([(s / b).float() for s, b in pairs])
+class _NeuronTaylor(base.TaylorAccumulator):
+    def products(self, layer):
+        grads = neuron_weights(self.adapter, layer, grad=True)
+        return [
+            (w * g, 1 - dim)
+            for (w, dim), (g, _) in zip(neuron_weights(self.adapter, layer), grads, strict=True)
+        ]
 
 
 class NeuronTaylor(Scorer):
@@ -192,11 +155,10 @@ class NeuronTaylor(Scorer):
     name = "neuron_taylor"
     unit = "neurons"
     kind = "gradient"
-    config_class = TaylorConfig
+    config_class = base.TaylorConfig
     sequential_ok = False
 
-    def accumulator(self, ctx, config):
-        return _NeuronTaylor(ctx, config)
+    accumulator_class = _NeuronTaylor
 
     def params(self, model, adapter):
         out = []
