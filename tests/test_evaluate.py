@@ -9,18 +9,16 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED, VOCAB, save_tiny, tiny_model, tiny_tokenizer
+from conftest import VOCAB, save_tiny, tiny_model, tiny_tokenizer, wiki_text
 from torch import nn
 
 from prunekit import PrunePlan, apply_plan
 from prunekit.core import evaluate as ev
 
-WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    return WIKI.read_text(encoding="utf-8")[:1500]
+    return wiki_text()[:1500]
 
 
 def _ids(text: str) -> list[int]:
@@ -421,7 +419,7 @@ def test_cli_eval_without_text_in_process(tmp_path, capsys):
 
 # ---- lm-evaluation-harness --------------------------------------------------------------------
 def test_run_lm_eval_without_the_extra_says_how_to_install(monkeypatch):
-    from prunekit.core.lm_eval_adapter import run_lm_eval
+    from prunekit.core.lm_eval import run_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r"pip install 'prunekit\[lm_eval\]'"):
@@ -433,7 +431,7 @@ def test_run_lm_eval_without_the_extra_says_how_to_install(monkeypatch):
 def test_run_lm_eval_local_task_matches_hand_loglikelihoods(tmp_path, monkeypatch):
     """An offline multiple-choice task: the harness's per-choice log-likelihoods equal ours."""
     pytest.importorskip("lm_eval")
-    from prunekit.core.lm_eval_adapter import run_lm_eval
+    from prunekit.core.lm_eval import run_lm_eval
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rows = [
@@ -471,8 +469,11 @@ def test_run_lm_eval_local_task_matches_hand_loglikelihoods(tmp_path, monkeypatc
 def test_smollm2_wikitext_first_100k_chars_reference_figure():
     """../shared/data/README.md: 20.64 over 24,940 tokens (fp32, no BOS, 2048 windows)."""
     from prunekit import load_pretrained
-    from prunekit.core.data import wikitext2_test_path
+    from prunekit.core.data import wikitext2_local_path, wikitext2_test_path
     from prunekit.core.models import default_model_dir
+
+    if wikitext2_local_path() is None:
+        pytest.skip("the reference figure needs the local WikiText-2 test (PRUNEKIT_DATA)")
 
     model, tok = load_pretrained(default_model_dir())
     got = ev.perplexity(model, tok, wikitext2_test_path(), max_chars=100_000, progress=False)

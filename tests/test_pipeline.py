@@ -9,7 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, SHARED, run_python, save_tiny, tiny_model, tiny_tokenizer
+from conftest import (
+    ARCHS,
+    brown_text,
+    run_python,
+    save_tiny,
+    tiny_model,
+    tiny_tokenizer,
+    wiki_text,
+)
 
 from prunekit import load_pretrained
 from prunekit.core.pipeline import compress
@@ -19,8 +27,8 @@ from prunekit.core.recipe import Recipe
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     d = tmp_path_factory.mktemp("texts")
-    brown = (SHARED / "data" / "brown" / "brown.txt").read_text(encoding="utf-8")
-    wiki = (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    brown = brown_text()
+    wiki = wiki_text()
     (d / "calib.txt").write_text(brown[:40_000], encoding="utf-8")
     (d / "eval.txt").write_text(wiki[:4_000], encoding="utf-8")
     return d
@@ -236,3 +244,100 @@ def test_compress_recover_quantize_then_eval_and_refuse_to_prune_again(texts, tm
     again = cli("compress", out, "-o", tmp_path / "again", "--layers", "1")
     assert again.returncode != 0 and "the model is quantized" in again.stderr
     assert not (tmp_path / "again").exists()
+
+
+# ---- the generic plugin sections and options -------------------------------------------------
+def _parse(*argv):
+    from prunekit.cli import build_parser
+    from prunekit.commands.compress import _recipe_from_args
+
+    return _recipe_from_args(build_parser().parse_args(["compress", "m", "-o", "o", *argv]))
+
+
+def test_recipe_plugin_sections_take_options_and_shorthands(texts):
+    pytest.importorskip("torchao")
+    from prunekit.core.pipeline import preflight
+
+    recipe = Recipe.from_dict(
+        {
+            "targets": {"layers": 1},
+            "calibration": {"source": str(texts / "calib.txt")},
+            "evaluation": {"text": str(texts / "eval.txt")},
+            "recovery": {"method": "lora", "steps": 7, "options": {"lr": 5e-5, "lora_r": 4}},
+            "quantize": {"method": "torchao", "options": {"scheme": "int8_dynamic"}},
+        }
+    )
+    plugins = preflight(recipe)
+    assert plugins.recovery.name == "lora" and plugins.quantizer.name == "torchao"
+    assert plugins.scorers["layers"].name == "block_influence"
+    rc = plugins.recovery_config
+    assert (rc.method, rc.steps, rc.lr, rc.lora_r) == ("lora", 7, 5e-5, 4)
+    assert plugins.quantize_config.scheme == "int8_dynamic"
+    # the shorthand fields fold into the options; options round-trip through the recipe
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    bad = recipe.to_dict()
+    bad["recovery"]["options"] = {"nope": 1}
+    with pytest.raises(ValueError, match=r"recovery.options.*nope.*valid:"):
+        preflight(Recipe.from_dict(bad))
+    bad = recipe.to_dict()
+    bad["quantize"]["options"] = {"scheme": "int3_magic"}
+    with pytest.raises(ValueError, match=r"quantize.options.*scheme"):
+        preflight(Recipe.from_dict(bad))
+
+
+def test_cli_option_flags_fold_into_the_recipe():
+    recipe = _parse(
+        "--layers", "1", "--layer-scorer", "angular_distance", "--scorer-opt", "token=all",
+        "--recover", "lora", "--recover-steps", "3", "--recover-opt", "lora_r=4",
+        "--recover-opt", "lr=1e-5", "--quantize", "torchao", "--quant-opt", "scheme=int8_dynamic",
+    )  # fmt: skip
+    assert recipe.targets.layers == 1 and isinstance(recipe.targets.layers, int)
+    assert recipe.targets.scorer_options == {"angular_distance": {"token": "all"}}
+    assert recipe.recovery.steps == 3
+    assert recipe.recovery.options == {"lora_r": "4", "lr": "1e-5"}
+    assert recipe.quantize.options == {"scheme": "int8_dynamic"}
+    with pytest.raises(ValueError, match="--recover-opt: no recovery method"):
+        _parse("--layers", "1", "--recover-opt", "lr=1")
+    with pytest.raises(ValueError, match="--layers"):
+        _parse("--layers", "1.5")
+    with pytest.raises(ValueError, match="no requested scorer has option 'nope'"):
+        _parse("--layers", "1", "--scorer-opt", "nope=1")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--recover", "lora", "--recover-opt", "lora_r=zero"], "recovery.options"),
+        (["--recover", "lora", "--recover-opt", "nope=1"], "nope"),
+        (["--recover", "lora", "--recover-opt", "lr"], "expected key=value"),
+    ],
+)
+def test_bad_plugin_options_fail_before_loading(dense_dir, tmp_path, extra, message):
+    res = cli("compress", dense_dir, "-o", tmp_path / "out", "--layers", "1", *extra)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("prunekit: error:") and message in last, res.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_package_exports_compress_and_recipe():
+    import prunekit
+
+    assert prunekit.compress is compress and prunekit.Recipe is Recipe
+
+
+def test_report_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from prunekit.core.report import plot_before_after, result_table
+
+    matplotlib.use("svg")  # whatever the process chose stays chosen
+    try:
+        metrics = {"dense": {"params": 10, "perplexity": {"perplexity": 5.0}}}
+        metrics["pruned"] = {"params": 8, "perplexity": {"perplexity": 6.0}}
+        assert plot_before_after(metrics, tmp_path / "b.png").is_file()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use("agg")
+    table = result_table(metrics)
+    assert "| perplexity | 5.00 | 6.00 |" in table and "decode" not in table

@@ -6,21 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-
-def _amount(text: str) -> float | int:
-    """'0.2' -> fraction 0.2; '3' -> count 3."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a fraction in [0, 1) nor a count"
-        ) from None
-
-
 #: recipe section -> (CLI flag's dest, field in that section): a flag given on the command line
 #: overrides the recipe file's field
 _FLAG_FIELDS = {
@@ -47,15 +32,36 @@ _FLAG_FIELDS = {
 }
 
 
+#: recipe section -> (CLI flag's dest, its option-flag name): ``key=value`` pairs merged into
+#: the section's ``options`` (a flag overrides the recipe file's option of the same key)
+_OPTION_FLAGS = {
+    "recovery": ("recover_opt", "--recover-opt"),
+    "quantize": ("quant_opt", "--quant-opt"),
+}
+
+
 def _recipe_from_args(args: argparse.Namespace):
+    from prunekit.contracts import parse_options
     from prunekit.core.recipe import Recipe
+    from prunekit.core.targets import parse_amount
 
     data: dict[str, Any] = Recipe.from_file(args.recipe).to_dict() if args.recipe else {}
     for section, flags in _FLAG_FIELDS.items():
         values = data.setdefault(section, {})
         for flag, key in flags:
-            if getattr(args, flag) is not None:
-                values[key] = getattr(args, flag)
+            value = getattr(args, flag)
+            if value is not None and flag in ("layers", "heads", "neurons"):
+                try:
+                    value = parse_amount(value)
+                except ValueError as e:
+                    raise ValueError(f"--{flag}: {e}") from None
+            if value is not None:
+                values[key] = value
+    for section, (dest, flag) in _OPTION_FLAGS.items():
+        given = parse_options(getattr(args, dest), flag)
+        if given and data[section].get("method") is None:
+            raise ValueError(f"{flag}: no {section} method; name one (--recover / --quantize)")
+        data[section].setdefault("options", {}).update(given)
     ev = data.setdefault("evaluation", {})
     if args.eval_text is not None:
         ev["text"] = args.eval_text
@@ -65,11 +71,26 @@ def _recipe_from_args(args: argparse.Namespace):
         ev["latency"] = False
     if args.iterative is not None:
         data["iterative"] = args.iterative
-    return Recipe.from_dict(data)
+    recipe = Recipe.from_dict(data)
+    if args.scorer_opt:
+        _add_scorer_options(recipe, args.scorer_opt)
+    return recipe
+
+
+def _add_scorer_options(recipe, pairs: list[str]) -> None:
+    """``--scorer-opt [scorer.]key=value`` into ``recipe.targets.scorer_options`` (a plain
+    key goes to every scorer of the recipe that has that option)."""
+    from prunekit.core.scores import scorer_options
+    from prunekit.core.targets import resolve_scorers
+
+    scorers = list({s.name: s for s in resolve_scorers(recipe.targets).values()}.values())
+    own = recipe.targets.scorer_options
+    for name, options in scorer_options(pairs, scorers).items():
+        own[name] = {**own.get(name, {}), **options}
 
 
 def _print_result(result) -> None:
-    from prunekit.core.pipeline import result_table
+    from prunekit.core.report import result_table
 
     print()
     print(result_table(result.metrics))
@@ -117,6 +138,11 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_flag(group, flag: str, help: str) -> None:
+    """A repeatable ``KEY=VALUE`` flag that passes a plugin option through."""
+    group.add_argument(flag, action="append", metavar="KEY=VALUE", help=help)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "compress",
@@ -126,9 +152,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--recipe", help="recipe YAML/JSON; flags below override its fields")
     g = p.add_argument_group("targets (fraction in [0, 1) or count)")
-    g.add_argument("--layers", type=_amount, help="layers to remove")
-    g.add_argument("--heads", type=_amount, help="query heads to remove")
-    g.add_argument("--neurons", type=_amount, help="MLP neurons to remove")
+    g.add_argument("--layers", help="layers to remove")
+    g.add_argument("--heads", help="query heads to remove")
+    g.add_argument("--neurons", help="MLP neurons to remove")
     g.add_argument("--layer-scorer", help="e.g. block_influence, angular_distance")
     g.add_argument("--head-scorer", help="e.g. taylor, magnitude, output_norm")
     g.add_argument("--neuron-scorer", help="e.g. activation_frequency, wanda, magnitude")
@@ -136,6 +162,12 @@ def add_parser(sub) -> None:
         "--mode",
         choices=("uniform", "per_layer"),
         help="uniform: same shape in every layer (stock loadable); per_layer: free",
+    )
+    _option_flag(
+        g,
+        "--scorer-opt",
+        "a scorer option (repeatable); SCORER.KEY=VALUE for one scorer, a plain KEY=VALUE "
+        "for every scorer of the run that has it",
     )
     g.add_argument("--iterative", type=int, help="score -> select -> apply (-> recover) k times")
     g = p.add_argument_group("calibration")
@@ -146,10 +178,12 @@ def add_parser(sub) -> None:
     g.add_argument("--recover", help="recovery method: lora, full, distill, qlora")
     g.add_argument("--recover-steps", type=int, help="recovery step budget")
     g.add_argument("--recover-minutes", type=float, help="recovery time budget")
+    _option_flag(g, "--recover-opt", "a recovery option (repeatable), e.g. lr=5e-5, lora_r=8")
     g.add_argument("--quantize", help="quantizer: awq, gptq, torchao")
     g.add_argument("--quant-bits", type=int)
     g.add_argument("--quant-group-size", type=int)
     g.add_argument("--quant-scheme", help="torchao: int8_weight_only, int8_dynamic, int4_grouped")
+    _option_flag(g, "--quant-opt", "a quantizer option (repeatable), e.g. group_size=64")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-text", help="held-out text for perplexity (default: WikiText-2 test)")
     g.add_argument("--eval-max-chars", type=int, help="first N characters only (0: all)")

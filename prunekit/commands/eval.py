@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from prunekit.core.evaluate import evaluate
     from prunekit.core.io import load_model
+    from prunekit.core.report import result_table
 
     model, tokenizer = load_model(
         args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle
@@ -83,59 +84,34 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result["model"] = str(args.model)
-    print(format_table(result))
+    print(result_table({str(args.model): result}))
+    print(details(result))
     if args.json_out is not None:
         Path(args.json_out).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.json_out}")
     return 0
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A two-column text table of an :func:`prunekit.core.evaluate.evaluate` result."""
-    rows: list[tuple[str, str]] = [
-        (
-            "model",
-            f"{result.get('model', '')} ({result['model_type']}, {result['n_layers']} layers)",
-        ),
-        ("parameters", f"{result['params'] / 1e6:.2f}M"),
-        (
-            f"GFLOPs/token @{result['flops_seq_len']}",
-            f"{result['flops_per_token'] / 1e9:.4f}",
-        ),
+def details(result: dict[str, Any]) -> str:
+    """What the numbers of :func:`prunekit.core.report.result_table` were measured on."""
+    lines = [
+        f"{result['model_type']}, {result['n_layers']} layers; FLOPs at "
+        f"{result['flops_seq_len']} tokens"
     ]
     ppl = result.get("perplexity")
     if ppl:
-        rows.append(
-            (
-                "perplexity",
-                f"{ppl['perplexity']:.2f} ({ppl['tokens']:,} tokens, {ppl['windows']} windows "
-                f"of {ppl['context_len']}, {ppl['text']})",
-            )
+        lines.append(
+            f"perplexity: {ppl['tokens']:,} tokens of {ppl['text']}, {ppl['windows']} windows "
+            f"of {ppl['context_len']}"
         )
     sim = result.get("embedding_similarity")
     if sim:
-        rows.append(
-            ("embedding cosine", f"{sim['cosine']:.4f} ({sim['sentences']} sentences vs dense)")
-        )
+        lines.append(f"embedding cosine: {sim['sentences']} sentences vs the dense model")
     lat = result.get("latency")
     if lat:
-        shape = f"batch {lat['batch_size']} x {lat['prompt_len']}"
-        rows.append(("prefill tokens/s", f"{lat['prefill_tokens_per_s']:.1f} ({shape})"))
-        if lat.get("decode_tokens_per_s") is not None:
-            rows.append(
-                (
-                    "decode tokens/s",
-                    f"{lat['decode_tokens_per_s']:.1f} ({lat['new_tokens']} new tokens)",
-                )
-            )
-        if "peak_memory_mb" in lat:
-            rows.append(
-                (
-                    "memory MB",
-                    f"weights {lat['weights_memory_mb']:.1f}, peak run "
-                    f"+{lat['peak_memory_mb']:.1f} ({lat['memory_method']})",
-                )
-            )
-        rows.append(("device", f"{lat['device']} {lat['dtype']}, {lat['threads']} threads"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        new = f" + {lat['new_tokens']} new tokens" if lat.get("decode_tokens_per_s") else ""
+        lines.append(
+            f"speed: batch {lat['batch_size']} x {lat['prompt_len']}{new} on {lat['device']} "
+            f"{lat['dtype']}, {lat['threads']} threads; memory: {lat.get('memory_method', '-')}"
+        )
+    return "\n".join(lines)

@@ -11,8 +11,8 @@ validated when built, with errors that name the field (``recovery.steps: ...``):
       mode: uniform         # or per_layer
     iterative: 1            # score -> select -> apply (-> recover) this many times
     calibration: {source: null, n_samples: 64, seq_len: 256, seed: 0}   # null: Brown
-    recovery: {method: lora, steps: 100}                                # method null: none
-    quantize: {method: torchao, scheme: int8_weight_only}               # method null: none
+    recovery: {method: lora, steps: 100, options: {lr: 1.0e-4}}         # method null: none
+    quantize: {method: torchao, options: {scheme: int8_weight_only}}    # method null: none
     evaluation: {text: null, max_chars: 100000, context_len: 2048}      # null: WikiText-2
 """
 
@@ -73,38 +73,60 @@ class EvaluationSection:
 
 
 @dataclass
-class RecoverySection:
+class PluginSection:
+    """A recipe section that names a plugin and passes its options through:
+    ``{method: NAME, options: {...}}``. The plugin object is resolved once, by the caller
+    (:func:`prunekit.core.pipeline.preflight`), and handed to :meth:`config`."""
+
+    method: str | None = field(default=None, metadata={"help": "plugin name (null: skip)"})
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "the plugin's own options (its config fields)"}
+    )
+
+    def __post_init__(self) -> None:
+        section = _section_name(self)
+        _check(self.method is None or isinstance(self.method, str), f"{section}.method", "a name")
+        _check(isinstance(self.options, dict), f"{section}.options", "must be a mapping")
+
+    def convenience(self) -> dict[str, Any]:
+        """The section's shorthand fields that are set (they fold into the options)."""
+        names = {f.name for f in dataclasses.fields(PluginSection)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in names and getattr(self, f.name) is not None
+        }
+
+
+@dataclass
+class RecoverySection(PluginSection):
+    """``recovery: {method, options}``; ``steps`` and ``minutes`` are shorthands for the
+    options of the same name."""
+
     method: str | None = field(
         default=None, metadata={"help": "recovery plugin name (lora, full, distill, qlora)"}
     )
     steps: int | None = field(default=None, metadata={"help": "step budget (None: default)"})
     minutes: float | None = field(default=None, metadata={"help": "time budget in minutes"})
-    options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "other RecoveryConfig fields (lr, lora_r...)"}
-    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.steps is None or self.steps >= 1, "recovery.steps", "must be >= 1 or null")
         _check(self.minutes is None or self.minutes > 0, "recovery.minutes", "must be > 0 or null")
-        _check(isinstance(self.options, dict), "recovery.options", "must be a mapping")
 
-    def config(self) -> Any:
-        """The recovery plugin's ``RecoveryConfig``, validated."""
-        from prunekit.core.recovery import RecoveryConfig
+    def config(self, method: Any) -> Any:
+        """``method``'s validated config (the recovery plugin object) from the options, with
+        ``steps``/``minutes`` on top."""
+        from prunekit.core.recovery import recovery_config
 
-        kwargs = dict(self.options)
-        if self.steps is not None:
-            kwargs["steps"] = self.steps
-        if self.minutes is not None:
-            kwargs["minutes"] = self.minutes
-        try:
-            return RecoveryConfig(method=self.method, **kwargs)
-        except TypeError as e:
-            raise ValueError(f"recovery.options: {e}") from None
+        return recovery_config(method, {**self.options, **self.convenience()})
 
 
 @dataclass
-class QuantizeSection:
+class QuantizeSection(PluginSection):
+    """``quantize: {method, options}``; ``bits``, ``group_size`` and ``scheme`` are shorthands
+    mapped onto the quantizer's options as the CLI flags are (``options`` win)."""
+
     method: str | None = field(
         default=None, metadata={"help": "quantizer plugin name (awq, gptq, torchao)"}
     )
@@ -115,6 +137,7 @@ class QuantizeSection:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.bits is None or self.bits >= 2, "quantize.bits", "must be >= 2 or null")
         _check(
             self.group_size is None or self.group_size >= 1 or self.group_size == -1,
@@ -122,12 +145,15 @@ class QuantizeSection:
             "must be >= 1, -1 (per channel) or null",
         )
 
-    def config(self) -> Any:
-        from prunekit.quantizers.base import quantizer_config_from_args
+    def config(self, quantizer: Any) -> Any:
+        """``quantizer``'s validated config (the quantizer plugin object)."""
+        from prunekit.core.quantize import quantizer_config
 
-        return quantizer_config_from_args(
-            self.method, bits=self.bits, group_size=self.group_size, scheme=self.scheme
-        )
+        return quantizer_config(quantizer, self.options, **self.convenience())
+
+
+def _section_name(section: Any) -> str:
+    return {RecoverySection: "recovery", QuantizeSection: "quantize"}.get(type(section), "plugin")
 
 
 _SECTIONS = {
