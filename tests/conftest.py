@@ -15,6 +15,25 @@ SHARED = Path(os.environ.get("PRUNEKIT_SHARED", ROOT.parent / "shared"))
 VOCAB = 128
 
 
+def brown_text() -> str:
+    """Calibration/training text: Brown from the development data folder ($PRUNEKIT_DATA or
+    ../shared/data) when present, else the sample bundled in the package (295 KB)."""
+    from prunekit.core.data import brown_path
+
+    return brown_path().read_text(encoding="utf-8")
+
+
+def wiki_text() -> str:
+    """Held-out text: the local WikiText-2 test when present, else the last 100,000 characters
+    of the bundled Brown sample (disjoint from its first 100,000, which tests calibrate on)."""
+    from prunekit.core.data import bundled_text_path, wikitext2_local_path
+
+    local = wikitext2_local_path()
+    if local is not None:
+        return local.read_text(encoding="utf-8")
+    return bundled_text_path().read_text(encoding="utf-8")[-100_000:]
+
+
 def tiny_config(arch: str):
     import transformers as tf
 
@@ -82,14 +101,15 @@ _TOKENIZER = None
 
 
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer with VOCAB tokens, trained offline on a slice of Brown, so
-    tiny models can read real text (calibration, perplexity) in end-to-end tests."""
+    """A byte-level BPE tokenizer with VOCAB tokens, trained offline on a slice of Brown
+    (:func:`brown_text`), so tiny models can read real text (calibration, perplexity) in
+    end-to-end tests."""
     global _TOKENIZER
     if _TOKENIZER is None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
-        text = (SHARED / "data" / "brown" / "brown.txt").read_text(encoding="utf-8")[:200_000]
+        text = brown_text()[:200_000]
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
