@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prunekit.commands.bench_kernels",
     "prunekit.commands.eval",
     "prunekit.commands.score",
+    "prunekit.commands.export",
 )
 
 

@@ -83,3 +83,12 @@ class PluginUnavailableError(PrunekitError, RuntimeError):
         self.name = name
         self.why = why
         super().__init__(f"{kind} {name!r} is not usable here: {why}")
+
+
+class ExportError(PrunekitError, ValueError):
+    """A model cannot be written in a serving format; ``problems`` lists what does not fit."""
+
+    def __init__(self, fmt: str, problems: list[str]):
+        self.format = fmt
+        self.problems = list(problems)
+        super().__init__(f"cannot export to {fmt}: " + "; ".join(self.problems))

@@ -1,0 +1,183 @@
+"""Model classes of a prunekit per-layer or sub-block result, for
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
+
+Each class subclasses the stock transformers one and differs in one thing: every decoder layer
+is built from its own ``config.per_layer_config[i]`` (head counts, MLP width), and a layer whose
+``skip`` names ``"attention"`` or ``"mlp"`` gets a no-op in place of that sub-block and its norm
+(the residual stream passes through unchanged; no weights, no KV cache for a skipped attention).
+Weights load as saved: no random init, no ``ignore_mismatched_sizes``. Needs only transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import (
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
+from transformers.cache_utils import DummyLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+from .configuration_prunekit import (
+    PrunekitLlamaConfig,
+    PrunekitMistralConfig,
+    PrunekitQwen2Config,
+    PrunekitQwen3Config,
+)
+
+_HETEROGENEITY_LOG = "transformers.integrations.heterogeneity.configuration_utils"
+
+
+@contextlib.contextmanager
+def _global_values(config) -> Iterator[None]:
+    """Let the stock constructors read the global (unpruned) values of a per-layer config;
+    the layers are rebuilt from their own configs right after."""
+    if not getattr(config, "is_heterogeneous", False):
+        yield
+        return
+    before = config.allow_global_per_layer_attribute_access
+    log = logging.getLogger(_HETEROGENEITY_LOG)
+    level = log.level
+    config.allow_global_per_layer_attribute_access = True
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        config.allow_global_per_layer_attribute_access = before
+        log.setLevel(level)
+
+
+class SkippedAttention(nn.Module):
+    """A removed attention sub-block: adds nothing to the residual stream and keeps no KV cache
+    (its cache slot becomes transformers' ``DummyLayer``, which ``get_seq_length`` skips)."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs):
+        layers = getattr(past_key_values, "layers", None)
+        if layers is not None and self.layer_idx < len(layers):
+            if not isinstance(layers[self.layer_idx], DummyLayer):
+                layers[self.layer_idx] = DummyLayer()
+        return torch.zeros_like(hidden_states), None
+
+
+class SkippedMLP(nn.Module):
+    """A removed MLP sub-block: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def _build_layers(model: nn.Module, config, layer_cls: type[nn.Module]) -> None:
+    """Replace the homogeneous layers by layers built at their own shapes."""
+    if not getattr(config, "is_heterogeneous", False):
+        return
+    layers = []
+    for i, layer_config in enumerate(config.per_layer_config):
+        layer = layer_cls(layer_config, i)
+        skip = set(getattr(layer_config, "skip", None) or ())
+        if "attention" in skip:
+            layer.self_attn = SkippedAttention(i)
+            layer.input_layernorm = nn.Identity()
+        else:
+            # the attention implementation is chosen on the model's config after init
+            layer.self_attn.config = config
+        if "mlp" in skip:
+            layer.mlp = SkippedMLP()
+            layer.post_attention_layernorm = nn.Identity()
+        layers.append(layer)
+    model.layers = nn.ModuleList(layers)
+    model.post_init()
+
+
+def _init_causal_lm(self, stock_cls, config, model_cls) -> None:
+    """``stock_cls.__init__`` with the decoder built by ``model_cls``."""
+    super(stock_cls, self).__init__(config)
+    self.model = model_cls(config)
+    self.vocab_size = config.vocab_size
+    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    self.post_init()
+
+
+class PrunekitLlamaModel(LlamaModel):
+    config_class = PrunekitLlamaConfig
+
+    def __init__(self, config):
+        with _global_values(config):
+            super().__init__(config)
+            _build_layers(self, config, LlamaDecoderLayer)
+
+
+class PrunekitLlamaForCausalLM(LlamaForCausalLM):
+    config_class = PrunekitLlamaConfig
+
+    def __init__(self, config):
+        with _global_values(config):
+            _init_causal_lm(self, LlamaForCausalLM, config, PrunekitLlamaModel)
+
+
+class PrunekitMistralModel(MistralModel):
+    config_class = PrunekitMistralConfig
+
+    def __init__(self, config):
+        with _global_values(config):
+            super().__init__(config)
+            _build_layers(self, config, MistralDecoderLayer)
+
+
+class PrunekitMistralForCausalLM(MistralForCausalLM):
+    config_class = PrunekitMistralConfig
+
+    def __init__(self, config):
+        with _global_values(config):
+            _init_causal_lm(self, MistralForCausalLM, config, PrunekitMistralModel)
+
+
+class PrunekitQwen2Model(Qwen2Model):
+    config_class = PrunekitQwen2Config
+
+    def __init__(self, config):
+        with _global_values(config):
+            super().__init__(config)
+            _build_layers(self, config, Qwen2DecoderLayer)
+
+
+class PrunekitQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = PrunekitQwen2Config
+
+    def __init__(self, config):
+        with _global_values(config):
+            _init_causal_lm(self, Qwen2ForCausalLM, config, PrunekitQwen2Model)
+
+
+class PrunekitQwen3Model(Qwen3Model):
+    config_class = PrunekitQwen3Config
+
+    def __init__(self, config):
+        with _global_values(config):
+            super().__init__(config)
+            _build_layers(self, config, Qwen3DecoderLayer)
+
+
+class PrunekitQwen3ForCausalLM(Qwen3ForCausalLM):
+    config_class = PrunekitQwen3Config
+
+    def __init__(self, config):
+        with _global_values(config):
+            _init_causal_lm(self, Qwen3ForCausalLM, config, PrunekitQwen3Model)

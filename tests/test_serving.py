@@ -1,0 +1,289 @@
+"""Serving pruned models: the trust_remote_code module of per-layer / sub-block results (loaded
+in a process that cannot import prunekit), the DeciLM / Nemotron-NAS export checked against a
+reference implementation written from the published config semantics, and loadable_by."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DECODERS, VOCAB, logits, run_python, tiny_model
+from decilm_reference import DeciLMReference
+from torch import nn
+
+from prunekit import PrunePlan, apply_plan, save_pretrained
+from prunekit.core.export import decilm_config, export_decilm, ffn_mult_for, ffn_mult_width
+from prunekit.core.io import global_access
+from prunekit.core.serving import (
+    PRUNEKIT,
+    REMOTE_CODE,
+    STOCK,
+    VLLM_DECILM,
+    VLLM_NATIVE_DECILM,
+    loadable_by,
+    write_remote_code,
+)
+from prunekit.errors import ExportError
+
+PER_LAYER_PLAN = PrunePlan(heads={1: [0, 1, 2, 3]}, neurons={2: list(range(10))}, layers=[4])
+
+
+class _ZeroAttention(nn.Module):
+    def forward(self, hidden_states, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class _ZeroMLP(nn.Module):
+    def forward(self, hidden_states):
+        return torch.zeros_like(hidden_states)
+
+
+def save_with_skips(model: nn.Module, out: Path, skips: dict[int, list[str]]) -> nn.Module:
+    """Remove sub-blocks by hand (module and its norm) and save them as transformers'
+    ``skip`` entries: the sub-block format, independent of prunekit's surgery."""
+    layers = model.model.layers
+    for i, kinds in skips.items():
+        if "attention" in kinds:
+            layers[i].self_attn, layers[i].input_layernorm = _ZeroAttention(), nn.Identity()
+        if "mlp" in kinds:
+            layers[i].mlp, layers[i].post_attention_layernorm = _ZeroMLP(), nn.Identity()
+    model.config.per_layer_config = {i: {"skip": kinds} for i, kinds in skips.items()}
+    with global_access(model.config):
+        model.save_pretrained(out)
+    write_remote_code(out)
+    return model
+
+
+def ids_for_test() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+_LOAD_WITHOUT_PRUNEKIT = """
+import sys, json
+sys.modules["prunekit"] = None  # prunekit cannot be imported in this process
+import torch, transformers
+ids = torch.tensor({ids})
+for path in {paths}:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=True, attn_implementation="eager")
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, path + "/remote_logits.pt")
+    prompt = ids[:1, :4]
+    cached = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached), (path, cached, uncached)
+    print(path, type(model).__name__)
+"""
+
+
+def _load_in_clean_process(paths: list[Path], tmp_path: Path, ids: torch.Tensor) -> str:
+    code = _LOAD_WITHOUT_PRUNEKIT.format(ids=ids.tolist(), paths=[str(p) for p in paths])
+    env = {"PYTHONPATH": "", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = run_python(code, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_per_layer_and_subblock_results_load_with_remote_code_without_prunekit(tmp_path):
+    ids = ids_for_test()
+    expected, paths = {}, []
+    for arch in DECODERS:
+        model = apply_plan(tiny_model(arch), PER_LAYER_PLAN)
+        out = save_pretrained(model, tmp_path / f"{arch}-per-layer")
+        assert write_remote_code(out)
+        expected[out] = logits(model, ids)
+        sub = save_with_skips(
+            tiny_model(arch, seed=1), tmp_path / f"{arch}-subblock", {0: ["attention"], 2: ["mlp"]}
+        )
+        expected[tmp_path / f"{arch}-subblock"] = logits(sub, ids)
+        paths += [out, tmp_path / f"{arch}-subblock"]
+    stdout = _load_in_clean_process(paths, tmp_path, ids)
+    assert stdout.count("Prunekit") == len(paths)
+    for path, want in expected.items():
+        got = torch.load(Path(path) / "remote_logits.pt")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_remote_code_config_keeps_transformers_format(tmp_path):
+    model = apply_plan(tiny_model("llama"), PER_LAYER_PLAN)
+    out = save_pretrained(model, tmp_path / "m")
+    write_remote_code(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["per_layer_config"] == {
+        "1": {"num_attention_heads": 4, "num_key_value_heads": 1},
+        "2": {"intermediate_size": 86},
+    }
+    assert config["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_prunekit.PrunekitLlamaForCausalLM"
+    )
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "modeling_prunekit.py").is_file()
+    for name in ("modeling_prunekit.py", "configuration_prunekit.py"):
+        source = (out / name).read_text()
+        assert "import prunekit" not in source and "from prunekit" not in source
+
+
+def test_uniform_result_gets_no_remote_code_and_stale_code_is_removed(tmp_path):
+    out = save_pretrained(apply_plan(tiny_model("llama"), PrunePlan(layers=[1])), tmp_path / "u")
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_prunekit.PrunekitLlamaConfig"}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "modeling_prunekit.py").write_text("stale")
+    assert not write_remote_code(out)
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert not (out / "modeling_prunekit.py").exists()
+    assert loadable_by(out) == [STOCK, "vllm", PRUNEKIT]
+
+
+# ---- DeciLM / Nemotron-NAS --------------------------------------------------------------
+def _export_and_compare(model: nn.Module, src: Path, out: Path, ids: torch.Tensor) -> dict:
+    export_decilm(src, out)
+    reference = DeciLMReference(out)
+    torch.testing.assert_close(reference.logits(ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+    return json.loads((out / "config.json").read_text())
+
+
+def test_decilm_export_of_per_layer_widths_matches_reference(tmp_path):
+    model = apply_plan(
+        tiny_model("llama"), PrunePlan(neurons={0: list(range(10)), 2: list(range(30))}, layers=[3])
+    )
+    src = save_pretrained(model, tmp_path / "m")
+    config = _export_and_compare(model, src, tmp_path / "deci", ids_for_test())
+    blocks = config["block_configs"]
+    assert len(blocks) == 4 and config["num_hidden_layers"] == 4
+    assert [b["ffn"]["intermediate_size"] for b in blocks] == [86, 96, 66, 96]
+    assert all(b["attention"]["n_heads_in_group"] == 4 for b in blocks)
+    assert config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["model_type"] == "nemotron-nas"
+    assert config["num_key_value_heads"] is None and config["intermediate_size"] is None
+    assert VLLM_DECILM in loadable_by(src)
+    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
+
+
+def test_decilm_config_reads_like_vllm_expects(tmp_path):
+    """vLLM reads the export's config through ``AutoConfig(trust_remote_code=True)`` and then
+    ``block.attention.no_op``, ``n_heads_in_group`` and ``hasattr(block.ffn, "ffn_mult")``."""
+    save_with_skips(tiny_model("llama"), tmp_path / "m", {1: ["attention"]})
+    src = tmp_path / "m"
+    export_decilm(src, tmp_path / "deci")
+    code = (
+        "import sys; sys.modules['prunekit'] = None\n"
+        "import transformers\n"
+        f"c = transformers.AutoConfig.from_pretrained({str(tmp_path / 'deci')!r}, "
+        "trust_remote_code=True)\n"
+        "b = c.block_configs\n"
+        "assert type(c).__name__ == 'DeciLMConfig' and c.model_type == 'nemotron-nas'\n"
+        "assert b[1].attention.no_op and not b[0].attention.no_op\n"
+        "assert c.num_attention_heads // b[0].attention.n_heads_in_group == 2\n"
+        "assert not hasattr(b[0].ffn, 'ffn_mult') and b[0].ffn.intermediate_size == 96\n"
+        "assert c.to_dict()['block_configs'][1]['attention']['no_op'] is True\n"
+    )
+    env = {"PYTHONPATH": "", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = run_python(code, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_decilm_export_uses_ffn_mult_when_representable(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    config._attn_implementation = "eager"
+    model = tf.LlamaForCausalLM(config).eval()
+    apply_plan(model, PrunePlan(neurons={1: list(range(256))}))
+    src = save_pretrained(model, tmp_path / "m")
+    out = _export_and_compare(model, src, tmp_path / "deci", ids_for_test())
+    assert [b["ffn"].get("ffn_mult") for b in out["block_configs"]] == [12.0, 6.0, 12.0]
+    assert all("intermediate_size" not in b["ffn"] for b in out["block_configs"])
+
+
+def test_decilm_export_of_subblocks_matches_reference(tmp_path):
+    model = save_with_skips(tiny_model("llama"), tmp_path / "m", {1: ["attention"], 3: ["mlp"]})
+    config = _export_and_compare(model, tmp_path / "m", tmp_path / "deci", ids_for_test())
+    blocks = config["block_configs"]
+    assert blocks[1]["attention"] == {
+        "n_heads_in_group": None,
+        "no_op": True,
+        "num_sink_tokens": None,
+        "replace_with_linear": False,
+        "sparsify": None,
+        "unshifted_sink": False,
+        "use_prefill_window_in_sink_attention": False,
+        "window_length": None,
+    }
+    assert blocks[3]["ffn"] == {
+        "ffn_mult": None,
+        "no_op": True,
+        "replace_with_linear": False,
+        "sparsify": None,
+    }
+
+
+def test_decilm_export_from_a_model_object(tmp_path):
+    model = apply_plan(tiny_model("llama"), PrunePlan(neurons={0: [1, 2]}))
+    export_decilm(model, tmp_path / "deci")
+    ids = ids_for_test()
+    torch.testing.assert_close(
+        DeciLMReference(tmp_path / "deci").logits(ids), logits(model, ids), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_decilm_refuses_non_uniform_query_heads(tmp_path):
+    src = save_pretrained(apply_plan(tiny_model("llama"), PER_LAYER_PLAN), tmp_path / "m")
+    with pytest.raises(ExportError, match=r"non-uniform query heads.*layer 1: 4") as info:
+        export_decilm(src, tmp_path / "deci")
+    assert info.value.format == "decilm"
+    assert not (tmp_path / "deci").exists()
+    assert VLLM_DECILM not in loadable_by(src)
+
+
+@pytest.mark.parametrize("arch, what", [("qwen2", "not Llama-family"), ("mistral", "sliding")])
+def test_decilm_refuses_what_it_cannot_express(arch, what, tmp_path):
+    src = save_pretrained(apply_plan(tiny_model(arch), PrunePlan(layers=[0])), tmp_path / "m")
+    with pytest.raises(ExportError, match=what):
+        export_decilm(src, tmp_path / "deci")
+
+
+def test_decilm_refuses_widths_without_ffn_mult_when_required(tmp_path):
+    src = save_pretrained(apply_plan(tiny_model("llama"), PrunePlan(layers=[0])), tmp_path / "m")
+    with pytest.raises(ExportError, match="ffn_mult"):
+        export_decilm(src, tmp_path / "deci", require_ffn_mult=True)
+
+
+def test_ffn_mult_round_trip():
+    for hidden in (64, 576, 4096, 8192):
+        for width in range(256, 8 * hidden, 256):
+            mult = ffn_mult_for(width, hidden)
+            assert mult is not None and ffn_mult_width(mult, hidden) == width
+    assert ffn_mult_for(1536 + 1, 576) is None
+    assert ffn_mult_width(5.25, 8192) == 28672  # Llama-3.1-70B's MLP width
+    raw = {
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 1,
+    }
+    assert decilm_config(raw)["block_configs"][0]["ffn"]["ffn_mult"] == 5.25
+
+
+def test_cli_export(tmp_path, capsys):
+    from prunekit.cli import main
+
+    src = save_pretrained(apply_plan(tiny_model("llama"), PrunePlan(layers=[2])), tmp_path / "m")
+    assert main(["export", str(src), "--format", "decilm", "-o", str(tmp_path / "deci")]) == 0
+    assert "DeciLMForCausalLM" in capsys.readouterr().out
+    bad = save_pretrained(apply_plan(tiny_model("llama"), PER_LAYER_PLAN), tmp_path / "bad")
+    assert main(["export", str(bad), "-o", str(tmp_path / "deci2")]) != 0
+    assert "non-uniform query heads" in capsys.readouterr().err
