@@ -64,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     from prunekit.core.data import wikitext2_test_path
     from prunekit.core.evaluate import perplexity
     from prunekit.core.models import default_model_dir
+    from prunekit.core.quantize import QUANTIZATION_INFO_ATTR
     from prunekit.core.recovery import RecoveryConfig, recover
     from prunekit.quantizers import (
         get_quantizer,
         quantize,
-        quantizer_config_from_args,
+        quantizer_config,
         save_quantized,
     )
-    from prunekit.quantizers.base import QUANTIZATION_INFO_ATTR
 
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="prunekit-quant-bench-"))
@@ -141,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         row(label, recovered, recovered_dir)
 
     for name in filter(None, args.methods.split(",")):
-        ok, reason = get_quantizer(name).available()
+        quantizer = get_quantizer(name)
+        ok, reason = quantizer.available()
         if not ok:
             print(f"{name}: skipped ({reason})", flush=True)
             continue
         t = time.perf_counter()
-        config = quantizer_config_from_args(
-            name, group_size=args.group_size if name in ("awq", "gptq") else None
+        config = quantizer_config(
+            quantizer, group_size=args.group_size if name in ("awq", "gptq") else None
         )
         if name == "awq":
             config = dataclasses.replace(config, backend=args.awq_backend)
-        q = quantize(copy.deepcopy(recovered), tok, name, config, calib_ids=calib)
+        q = quantize(copy.deepcopy(recovered), tok, quantizer, config, calib_ids=calib)
         seconds = time.perf_counter() - t
         info = q.__dict__.get(QUANTIZATION_INFO_ATTR, {})
         save_quantized(q, work / name, tok)

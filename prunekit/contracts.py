@@ -97,6 +97,11 @@ def coerce_option(value: Any, annotation: Any) -> Any:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
+    if isinstance(parsed, str) and "float" in text:  # YAML 1.1 reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     return parsed
 
 

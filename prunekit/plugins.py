@@ -29,7 +29,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "prunekit.adapters.bert",
     "prunekit.scorers",
     "prunekit.quantizers",
-    "prunekit.core.recovery",
+    "prunekit.recoveries",
 )
 ENTRY_POINT_GROUP = "prunekit"
 HOOKS = (

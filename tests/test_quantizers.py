@@ -40,11 +40,11 @@ from prunekit.quantizers import (
     get_quantizer,
     is_quantized,
     quantize,
-    quantizer_config_from_args,
+    quantizer_config,
     save_quantized,
 )
 from prunekit.quantizers.awq import autoawq_usable
-from prunekit.quantizers.gptq import gptqmodel_missing
+from prunekit.quantizers.gptqmodel_backend import gptqmodel_missing
 
 VOCAB = 257  # 256 byte tokens + <|endoftext|>
 INT8_TOL = 0.04
@@ -191,20 +191,82 @@ def test_registered_and_lookup_lists_names():
 
 
 def test_config_from_args_defaults_and_overrides():
-    assert quantizer_config_from_args("gptq") == GPTQConfig(bits=4, group_size=128)
-    assert quantizer_config_from_args("awq") == AWQConfig(bits=4, group_size=128)
-    assert quantizer_config_from_args("torchao").scheme == "int8_weight_only"
-    assert quantizer_config_from_args("torchao", bits=4, group_size=32) == TorchAOConfig(
+    assert quantizer_config(get_quantizer("gptq")) == GPTQConfig(bits=4, group_size=128)
+    assert quantizer_config(get_quantizer("awq")) == AWQConfig(bits=4, group_size=128)
+    assert quantizer_config(get_quantizer("torchao")).scheme == "int8_weight_only"
+    assert quantizer_config(get_quantizer("torchao"), bits=4, group_size=32) == TorchAOConfig(
         scheme="int4_grouped", group_size=32
     )
-    assert quantizer_config_from_args("torchao", scheme="int8_dynamic").bits == 8
-    assert quantizer_config_from_args("gptq", bits=8, group_size=-1).group_size == -1
+    assert quantizer_config(get_quantizer("torchao"), scheme="int8_dynamic").bits == 8
+    assert quantizer_config(get_quantizer("gptq"), bits=8, group_size=-1).group_size == -1
     with pytest.raises(ValueError, match="only applies to the torchao"):
-        quantizer_config_from_args("gptq", scheme="int8_dynamic")
+        quantizer_config(get_quantizer("gptq"), scheme="int8_dynamic")
     with pytest.raises(ValueError, match="bits=3"):
-        quantizer_config_from_args("torchao", bits=3)
+        quantizer_config(get_quantizer("torchao"), bits=3)
     with pytest.raises(ValueError, match="does not match scheme"):
-        quantizer_config_from_args("torchao", bits=4, scheme="int8_weight_only")
+        quantizer_config(get_quantizer("torchao"), bits=4, scheme="int8_weight_only")
+
+
+def test_quantizers_follow_the_plugin_contract():
+    import dataclasses
+
+    for name in ("awq", "gptq", "torchao"):
+        quantizer = get_quantizer(name)
+        assert dataclasses.is_dataclass(quantizer.config_class)
+        ok, why = quantizer.available()
+        assert isinstance(ok, bool) and isinstance(why, str)
+        assert not hasattr(quantizer, "config_cls")
+
+
+def test_any_option_is_settable_generically():
+    gptq = get_quantizer("gptq")
+    # CLI strings (--quant-opt key=value) are coerced to the field types.
+    config = quantizer_config(gptq, {"desc_act": "true", "damp_percent": "0.1", "sym": "false"})
+    assert config == GPTQConfig(desc_act=True, damp_percent=0.1, sym=False)
+    # Options come on top of the flags.
+    assert quantizer_config(gptq, {"group_size": "64"}, group_size=32).group_size == 64
+    assert quantizer_config(get_quantizer("awq"), {"backend": "gptqmodel"}).backend == "gptqmodel"
+    with pytest.raises(ValueError, match=r"quantize.options: unknown option.*damp.*valid:.*"):
+        quantizer_config(gptq, {"damp": "0.1"})
+    with pytest.raises(ValueError, match="quantize.options: damp_percent"):
+        quantizer_config(gptq, {"damp_percent": "2"})
+
+
+def test_flags_map_onto_options_generically_for_a_third_party_quantizer():
+    from dataclasses import dataclass, field
+
+    from prunekit.core.quantize import options_from_flags
+
+    @dataclass
+    class NF4Config:
+        bits: int = field(default=4, metadata={"help": "bits"})
+        double_quant: bool = field(default=True, metadata={"help": "quantize the scales"})
+
+    class NF4:
+        name = "nf4"
+        config_class = NF4Config
+
+    assert options_from_flags(NF4(), bits=4) == {"bits": 4}
+    assert options_from_flags(NF4()) == {}
+    with pytest.raises(ValueError, match=r"--quant-group-size.*nf4.*bits, double_quant"):
+        options_from_flags(NF4(), group_size=64)
+    assert quantizer_config(NF4(), {"double_quant": "false"}) == NF4Config(double_quant=False)
+
+
+def test_quantize_takes_the_quantizer_object(pruned, tokenizer):
+    with pytest.raises(TypeError, match=r"get_quantizer\('torchao'\)"):
+        quantize(pruned, tokenizer, "torchao")
+
+
+def test_core_imports_no_plugin_package():
+    code = (
+        "import sys, prunekit.core.quantize, prunekit.core.recovery\n"
+        "bad = [m for m in sys.modules if m.startswith(('prunekit.quantizers', "
+        "'prunekit.recoveries', 'prunekit.scorers', 'prunekit.adapters'))]\n"
+        "assert not bad, bad\n"
+    )
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -233,7 +295,7 @@ def test_available_explains_what_to_install(monkeypatch, pruned, tokenizer):
     ok, why = get_quantizer("torchao").available()
     assert not ok and "pip install 'prunekit[torchao]'" in why
     with pytest.raises(QuantizerUnavailableError, match=r"prunekit\[torchao\]") as e:
-        quantize(pruned, tokenizer, "torchao")
+        quantize(pruned, tokenizer, get_quantizer("torchao"))
     assert isinstance(e.value, ImportError) and e.value.quantizer == "torchao"
     monkeypatch.setitem(sys.modules, "gptqmodel", None)
     monkeypatch.setitem(sys.modules, "auto_gptq", None)
@@ -247,18 +309,18 @@ def test_available_explains_what_to_install(monkeypatch, pruned, tokenizer):
 def test_refuses_per_layer_and_indivisible_models(pruned, tokenizer):
     per_layer = apply_plan(quant_llama(), PrunePlan(neurons={0: [0, 1]}))
     with pytest.raises(QuantizationError, match="per-layer"):
-        quantize(per_layer, tokenizer, "torchao")
+        quantize(per_layer, tokenizer, get_quantizer("torchao"))
     odd = apply_plan(quant_llama(), PrunePlan(neurons={i: list(range(32)) for i in range(3)}))
     with pytest.raises(QuantizationError, match="224 input features.*group_size 64"):
-        quantize(odd, tokenizer, "gptq", GPTQConfig(group_size=GROUP))
+        quantize(odd, tokenizer, get_quantizer("gptq"), GPTQConfig(group_size=GROUP))
     with pytest.raises(TypeError, match="GPTQConfig"):
-        quantize(pruned, tokenizer, "gptq", TorchAOConfig())
+        quantize(pruned, tokenizer, get_quantizer("gptq"), TorchAOConfig())
     with pytest.raises(QuantizationError, match="not quantized"):
         save_quantized(pruned, "/nonexistent/never-written", tokenizer)
 
 
 def test_calibration_ids_validated(pruned, tokenizer):
-    from prunekit.quantizers.base import calibration_ids
+    from prunekit.core.quantize import calibration_ids
 
     ids = calibration_ids(tokenizer, torch.arange(300).reshape(3, 100) % VOCAB, 2, 50, VOCAB)
     assert ids.shape == (2, 50) and ids.dtype == torch.int64
@@ -292,7 +354,7 @@ def fake_quant_int8(model: nn.Module) -> nn.Module:
 def test_torchao_quantize_save_reload(scheme, tol, pruned, tokenizer, text_ids, tmp_path):
     before = {k: v.clone() for k, v in pruned.state_dict().items()}
     config = TorchAOConfig(scheme=scheme, group_size=GROUP)
-    quantized = quantize(pruned, tokenizer, "torchao", config)
+    quantized = quantize(pruned, tokenizer, get_quantizer("torchao"), config)
     # The input model is untouched, the output is marked quantized.
     assert not is_quantized(pruned)
     assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
@@ -316,11 +378,11 @@ def test_torchao_quantize_save_reload(scheme, tol, pruned, tokenizer, text_ids, 
     with pytest.raises(PruningPlanError, match="quantized"):
         apply_plan(quantized, PrunePlan(layers=[0]))
     with pytest.raises(QuantizationError, match="already quantized"):
-        quantize(quantized, tokenizer, "torchao")
+        quantize(quantized, tokenizer, get_quantizer("torchao"))
 
 
 def test_save_quantized_is_atomic_and_refuses_existing(pruned, tokenizer, tmp_path):
-    quantized = quantize(pruned, tokenizer, "torchao")
+    quantized = quantize(pruned, tokenizer, get_quantizer("torchao"))
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -379,7 +441,7 @@ def test_gptq_quantize_save_reload(pruned, tokenizer, text_ids, tmp_path):
 
     calib = load_calibration(None, tokenizer, n_samples=16, seq_len=64)
     config = GPTQConfig(group_size=GROUP, n_samples=16, seq_len=64)
-    quantized = quantize(pruned, tokenizer, "gptq", config, calib_ids=calib)
+    quantized = quantize(pruned, tokenizer, get_quantizer("gptq"), config, calib_ids=calib)
     assert is_quantized(quantized) and not is_quantized(pruned)
     err, _ = check_roundtrip(quantized, pruned, tokenizer, text_ids, tmp_path, INT4_TOL, "gptq")
     # GPTQ minimises the layer output error on the calibration text: on held-out text of the
@@ -410,12 +472,14 @@ def test_awq_gptqmodel_refuses_rows_it_cannot_clip(tokenizer):
     one_group = apply_plan(quant_llama(), PrunePlan(heads={i: [2, 3] for i in range(3)}))
     config = AWQConfig(group_size=GROUP, n_samples=2, seq_len=16, backend="gptqmodel")
     with pytest.raises(QuantizationError, match=r"v_proj has 32 output features"):
-        quantize(one_group, tokenizer, "awq", config)
+        quantize(one_group, tokenizer, get_quantizer("awq"), config)
 
 
 @pytest.mark.parametrize("backend", AWQ_BACKENDS)
 def test_awq_quantize_save_reload(backend, pruned, tokenizer, text_ids, tmp_path):
     config = AWQConfig(group_size=GROUP, n_samples=16, seq_len=64, backend=backend)
-    quantized = quantize(pruned, tokenizer, "awq", config)  # Brown calibration by default
+    quantized = quantize(
+        pruned, tokenizer, get_quantizer("awq"), config
+    )  # Brown calibration by default
     assert quantized.__dict__["_prunekit_quantization"]["backend"] == backend
     check_roundtrip(quantized, pruned, tokenizer, text_ids, tmp_path, INT4_TOL, "awq")

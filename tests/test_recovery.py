@@ -18,14 +18,13 @@ from prunekit.core.recovery import (
     RecoveryResult,
     RecoveryUnavailableError,
     distill_kl,
-    has_lora_modules,
     lm_loss,
     lr_factor,
     pack,
     recover,
     split_data,
 )
-from prunekit.core.recovery_methods import attach_lora, lora_target_names, merge_lora
+from prunekit.recoveries import attach_lora, has_lora_modules, lora_target_names, merge_lora
 
 # A short repeated token pattern: learnable in a few dozen steps, so "loss went down" means
 # the loop trains, not noise.
@@ -99,10 +98,34 @@ def test_builtin_methods_are_registered_plugins():
     recoveries = get_plugins().recoveries
     assert {"lora", "full", "distill", "qlora"} <= set(recoveries.names())
     for name in ("lora", "full", "distill"):
-        assert recoveries.get(name).available() is True
-    assert recoveries.origin("lora") == "prunekit.core.recovery"
+        assert recoveries.get(name).available()[0] is True
+    assert recoveries.origin("lora") == "prunekit.recoveries"
     with pytest.raises(KeyError, match="valid recovery methods: .*distill.*lora"):
         recover(tiny_model("llama"), TEXT, RecoveryConfig(method="sgd", steps=1, **FAST))
+
+
+def test_methods_follow_the_plugin_contract_and_take_generic_options():
+    import dataclasses
+
+    from prunekit.core.recovery import recovery_config
+
+    recoveries = get_plugins().recoveries
+    for name in recoveries.names():
+        method = recoveries.get(name)
+        assert dataclasses.is_dataclass(method.config_class)
+        ok, why = method.available()
+        assert isinstance(ok, bool) and isinstance(why, str) and (ok or why)
+    full = recoveries.get("full")
+    # --recover-opt strings are coerced to the field types; the method is the plugin's.
+    config = recovery_config(full, {"lr": "1e-3", "steps": "5", "minutes": "none"})
+    assert config == RecoveryConfig(method="full", lr=1e-3, steps=5)
+    with pytest.raises(ValueError, match=r"recovery.options: unknown option.*lora_rank.*lora_r"):
+        recovery_config(full, {"lora_rank": "8"})
+    with pytest.raises(ValueError, match="differs"):
+        recovery_config(full, {"method": "lora"})
+    _, model = pruned()
+    with pytest.raises(ValueError, match="'lora' but the method passed is 'full'"):
+        recover(model, TEXT, RecoveryConfig(steps=1, **FAST), method=full, progress=False)
 
 
 # ---- pieces --------------------------------------------------------------------------------
@@ -384,7 +407,7 @@ def test_result_serialises_and_plots(tmp_path):
 
 def test_qlora_says_what_it_needs():
     method = get_plugins().recoveries.get("qlora")
-    if method.available():  # pragma: no cover - only on a CUDA machine with bitsandbytes
+    if method.available()[0]:  # pragma: no cover - only on a CUDA machine with bitsandbytes
         pytest.skip("bitsandbytes and CUDA are available here")
     _, model = pruned()
     before = state(model)

@@ -8,7 +8,8 @@ the unpruned model recovers more per token than the plain language-model loss.
 The training loop is shared by every method: AdamW, linear warm-up then cosine decay,
 gradient accumulation, a step budget and/or a wall-clock budget (whichever ends first),
 periodic held-out loss, early stopping, and keep-best (the model never ends worse than it
-started on held-out loss). Methods register through the ``register_recoveries`` hook::
+started on held-out loss). The methods are plugins (:mod:`prunekit.recoveries`, registered
+through the ``register_recoveries`` hook); this module imports none of them::
 
     from prunekit import get_plugins
     get_plugins().recoveries.names()   # ['distill', 'full', 'lora', 'qlora']
@@ -22,33 +23,36 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from prunekit.core.recovery_methods import (
-    BUILTIN_METHODS,
+from prunekit.contracts import build_config
+from prunekit.core.training import (
+    RecoveryResult,
     TrainingSession,
+    device_of,
     distill_kl,
-    has_lora_modules,
+    forward_logits,
     lm_loss,
+    lr_factor,
+    pack,
+    split_data,
 )
-from prunekit.errors import PrunekitError
-from prunekit.hookspecs import hookimpl
+from prunekit.errors import PluginUnavailableError
+from prunekit.plugins import get_adapter, get_plugins
 
 
-class RecoveryUnavailableError(PrunekitError, RuntimeError):
+class RecoveryUnavailableError(PluginUnavailableError):
     """A recovery method cannot run here (missing package or hardware)."""
 
     def __init__(self, method: str, requirements: str):
         self.method = method
         self.requirements = requirements
-        super().__init__(
-            f"recovery method {method!r} is not available on this machine: {requirements}"
-        )
+        super().__init__("recovery method", method, requirements)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -170,129 +174,54 @@ class RecoveryConfig:
         return cls(**data)
 
 
-@dataclass
-class RecoveryResult:
-    """What a recovery run did. ``history`` has one row per optimizer step (``step``,
-    ``train_loss``, ``lr``, ``seconds``, and ``eval_loss`` — None between evaluations); step 0
-    is the evaluation before training."""
+class RecoveryMethod:
+    """Base class of recovery methods (third parties may duck-type instead; see
+    :mod:`prunekit.core.training` for the contract). Its config is the shared
+    :class:`RecoveryConfig`; set ``config_class`` to a subclass to add fields."""
 
-    method: str
-    history: list[dict[str, Any]]
-    initial_eval_loss: float
-    best_eval_loss: float
-    best_step: int
-    steps: int
-    seconds: float
-    stop_reason: str
-    trainable_params: int
-    config: dict[str, Any] = field(default_factory=dict)
+    name: ClassVar[str]
+    config_class: ClassVar[type] = RecoveryConfig
+    description: ClassVar[str] = ""
+    uses_teacher: ClassVar[bool] = False
 
-    @property
-    def improved(self) -> bool:
-        return self.best_step > 0
+    def available(self) -> tuple[bool, str]:
+        return True, ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def prepare(self, model: nn.Module, config: Any) -> TrainingSession:
+        raise NotImplementedError
 
-    def plot(self, path: str | Path) -> Path:
-        """Write the loss curve (train loss per step, held-out loss per evaluation, the kept
-        step marked) as a PNG."""
-        import matplotlib
+    def objective(
+        self,
+        student_logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        config: Any,
+    ) -> torch.Tensor:
+        return lm_loss(student_logits, input_ids)
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        train = [(h["step"], h["train_loss"]) for h in self.history if h["train_loss"] is not None]
-        evals = [(h["step"], h["eval_loss"]) for h in self.history if h["eval_loss"] is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), lw=1, alpha=0.7, label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
-        kept = f"kept (step {self.best_step})"
-        ax.axvline(self.best_step, color="grey", ls="--", lw=1, label=kept)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title(
-            f"recovery: {self.method} ({self.steps} steps, {self.seconds:.0f} s, "
-            f"{self.stop_reason})"
-        )
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+    def __repr__(self) -> str:
+        return f"<recovery {self.name}>"
 
 
-# ---- data ----------------------------------------------------------------------------------
-def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Token ids as ``[n, seq_len]`` rows: a ``[n, seq_len]`` tensor is kept, anything else
-    is flattened and cut into consecutive ``seq_len`` chunks (the remainder is dropped)."""
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-        raise TypeError("token ids must be an integer torch tensor (e.g. torch.LongTensor)")
-    ids = ids.long()
-    if ids.dim() == 2 and ids.shape[1] == seq_len:
-        return ids
-    flat = ids.reshape(-1)
-    n = flat.numel() // seq_len
-    if n == 0:
+def recovery_config(
+    method: Any, options: dict[str, Any] | None = None, *, section: str = "recovery.options"
+) -> RecoveryConfig:
+    """``method``'s validated config from generic options (the recipe's
+    ``recovery.options`` / ``--recover-opt key=value``; CLI strings are coerced to the field
+    types); ``method`` is set to the plugin's name."""
+    options = dict(options or {})
+    if options.setdefault("method", method.name) != method.name:
         raise ValueError(
-            f"{flat.numel()} tokens make no sequence of seq_len={seq_len}; pass more text or a "
-            "smaller RecoveryConfig.seq_len"
+            f"{section}: method {options['method']!r} differs from the recovery method "
+            f"{method.name!r}"
         )
-    return flat[: n * seq_len].reshape(n, seq_len)
-
-
-def split_data(
-    train_ids: torch.Tensor, eval_ids: torch.Tensor | None, config: RecoveryConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out rows. Without ``eval_ids`` the last ``eval_samples`` rows (at
-    most a quarter) of ``train_ids`` are held out and never trained on."""
-    rows = pack(train_ids, config.seq_len)
-    if eval_ids is None:
-        if rows.shape[0] < 2:
-            raise ValueError(
-                "need at least 2 sequences to hold one out for evaluation; pass more text, a "
-                "smaller seq_len, or eval_ids"
-            )
-        n_eval = min(config.eval_samples, max(1, rows.shape[0] // 4))
-        train, held = rows[:-n_eval], rows[-n_eval:]
-    else:
-        train, held = rows, pack(eval_ids, config.seq_len)[: config.eval_samples]
-    return train[: config.n_samples], held
-
-
-def lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Learning-rate multiplier before optimizer step ``step`` (0-based): linear warm-up
-    ``(step+1)/warmup`` for ``step < warmup``, then cosine decay ``½(1 + cos(π·p))`` where
-    ``p ∈ [0, 1]`` is the fraction of the post-warm-up budget already used."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return build_config(method, options, section=section)
 
 
 # ---- the loop ------------------------------------------------------------------------------
-def _forward_logits(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = module(input_ids=ids, use_cache=False)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        raise ValueError(
-            f"{type(module).__name__} returns no logits; recovery trains causal language "
-            "models (load the model with AutoModelForCausalLM)"
-        )
-    return logits
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def get_method(name: str) -> Any:
-    """The registered recovery method called ``name`` (error lists the valid names)."""
-    from prunekit.plugins import get_plugins
-
+    """The registered recovery method called ``name`` (the edge where a name becomes an
+    object; an unknown name raises an error listing the valid ones)."""
     return get_plugins().recoveries.get(name)
 
 
@@ -304,36 +233,23 @@ def recover(
     teacher: nn.Module | None = None,
     eval_ids: torch.Tensor | None = None,
     progress: bool = True,
+    method: Any = None,
 ) -> RecoveryResult:
     """Recover a pruned causal LM in place and return what happened.
 
     ``train_ids``: token ids (``[n, seq_len]`` rows or any tensor, packed into ``seq_len``
     chunks); calibration text such as Brown, never the evaluation text. ``teacher``: the dense
     model, required by ``distill`` (ignored otherwise). ``eval_ids``: held-out ids (default:
-    a held-out tail of ``train_ids``).
+    a held-out tail of ``train_ids``). ``method``: the recovery method object, when the caller
+    has resolved it already (default: ``get_method(config.method)``).
 
     The model ends in its best held-out state: if no evaluation beats the initial held-out
     loss, the initial weights are restored. LoRA adapters are merged, so the model has no
     adapter modules and keeps its pruned shapes.
     """
     config = config or RecoveryConfig()
-    method = get_method(config.method)
-    if not method.available():
-        raise RecoveryUnavailableError(config.method, getattr(method, "requirements", ""))
-    if getattr(method, "uses_teacher", False):
-        if teacher is None:
-            raise ValueError(
-                f"recovery method {config.method!r} needs teacher=<the dense model the student "
-                "was pruned from>"
-            )
-        if teacher is model:
-            raise ValueError(
-                "teacher is the student itself; pass a separate copy of the dense model"
-            )
-    else:
-        teacher = None
-    from prunekit.plugins import get_adapter
-
+    method = _check_method(method or get_method(config.method), config)
+    teacher = _check_teacher(method, model, teacher)
     adapter = get_adapter(model)  # fails early on unsupported architectures
     if not adapter.causal:
         raise ValueError(
@@ -346,12 +262,13 @@ def recover(
     teacher_training = teacher.training if teacher is not None else False
     if teacher is not None:
         teacher.eval()
-    rng_devices = [_device(model)] if _device(model).type == "cuda" else []
+    rng_devices = [device_of(model)] if device_of(model).type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)
         session = method.prepare(model, config)
         try:
-            result = _train(session, method, teacher, train_rows, eval_rows, config, progress)
+            run = _Run(session, method, teacher, config)
+            result = _train(run, train_rows, eval_rows, progress)
         finally:
             session.finish()
             model.train(was_training)
@@ -360,91 +277,156 @@ def recover(
     return result
 
 
-@torch.no_grad()
-def _evaluate(session, method, teacher, rows, config) -> float:
-    module = session.module
-    module.eval()
-    device = _device(module)
-    total, count = 0.0, 0
-    for start in range(0, rows.shape[0], config.batch_size):
-        batch = rows[start : start + config.batch_size].to(device)
-        t_logits = _teacher_logits(teacher, batch)
-        loss = method.objective(_forward_logits(module, batch), batch, t_logits, config)
-        total += float(loss) * batch.shape[0]
-        count += batch.shape[0]
-    return total / count
+def _check_method(method: Any, config: RecoveryConfig) -> Any:
+    if method.name != config.method:
+        raise ValueError(
+            f"RecoveryConfig.method is {config.method!r} but the method passed is {method.name!r}"
+        )
+    ok, why = method.available()
+    if not ok:
+        raise RecoveryUnavailableError(method.name, why)
+    return method
 
 
-def _teacher_logits(teacher: nn.Module | None, batch: torch.Tensor) -> torch.Tensor | None:
-    if teacher is None:
+def _check_teacher(method: Any, model: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
+    if not getattr(method, "uses_teacher", False):
         return None
-    with torch.no_grad():
-        return _forward_logits(teacher, batch.to(_device(teacher)))
+    if teacher is None:
+        raise ValueError(
+            f"recovery method {method.name!r} needs teacher=<the dense model the student "
+            "was pruned from>"
+        )
+    if teacher is model:
+        raise ValueError("teacher is the student itself; pass a separate copy of the dense model")
+    return teacher
+
+
+# ---- the loop ------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What one training run computes losses with."""
+
+    session: TrainingSession
+    method: Any
+    teacher: nn.Module | None
+    config: RecoveryConfig
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        t_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = forward_logits(self.teacher, batch.to(device_of(self.teacher)))
+        logits = forward_logits(self.session.module, batch)
+        return self.method.objective(logits, batch, t_logits, self.config)
+
+    @torch.no_grad()
+    def evaluate(self, rows: torch.Tensor) -> float:
+        module = self.session.module
+        module.eval()
+        device = device_of(module)
+        total, count = 0.0, 0
+        for start in range(0, rows.shape[0], self.config.batch_size):
+            batch = rows[start : start + self.config.batch_size].to(device)
+            total += float(self.loss(batch)) * batch.shape[0]
+            count += batch.shape[0]
+        return total / count
+
+    def accumulate(self, stream: Iterator[torch.Tensor]) -> float:
+        """Forward and backward ``grad_accum`` micro-batches; their mean loss."""
+        module = self.session.module
+        module.train()
+        device = device_of(module)
+        train_loss = 0.0
+        for _ in range(self.config.grad_accum):
+            loss = self.loss(next(stream).to(device))
+            (loss / self.config.grad_accum).backward()
+            train_loss += float(loss.detach()) / self.config.grad_accum
+        return train_loss
+
+
+@dataclass
+class _Budget:
+    """Steps and/or seconds, whichever ends first."""
+
+    steps: int | None
+    seconds: float | None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def spent(self, step: int) -> str | None:
+        """Why training must stop before step ``step`` (``None``: it may go on)."""
+        if self.steps is not None and step >= self.steps:
+            return "steps"
+        if self.seconds is not None and self.elapsed() >= self.seconds:
+            return "time"
+        return None
+
+    def progress(self, step: int, warmup: int) -> float:
+        """Fraction of the post-warm-up budget used (the larger of steps and time)."""
+        fractions = []
+        if self.steps is not None:
+            fractions.append((step - warmup) / max(1, self.steps - warmup))
+        if self.seconds is not None:
+            fractions.append(self.elapsed() / self.seconds)
+        return max(fractions)
+
+
+@dataclass
+class _Best:
+    """Keep-best and early stopping on held-out loss."""
+
+    loss: float
+    state: dict[str, torch.Tensor]
+    step: int = 0
+    bad_evals: int = 0
+
+    def update(self, session: TrainingSession, loss: float, step: int) -> None:
+        if loss < self.loss:
+            self.loss, self.step, self.state = loss, step, session.snapshot()
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+
+
+def _batches(rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled micro-batches of ``rows``, epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(rows.shape[0], generator=generator)
+        for start in range(0, len(order), batch_size):
+            yield rows[order[start : start + batch_size]]
 
 
 def _train(
-    session: TrainingSession,
-    method: Any,
-    teacher: nn.Module | None,
-    train_rows: torch.Tensor,
-    eval_rows: torch.Tensor,
-    config: RecoveryConfig,
-    progress: bool,
+    run: _Run, train_rows: torch.Tensor, eval_rows: torch.Tensor, progress: bool
 ) -> RecoveryResult:
     from tqdm.auto import tqdm
 
-    params = [p for p in session.params.values() if p.requires_grad]
+    config = run.config
+    params = [p for p in run.session.params.values() if p.requires_grad]
     if not params:
         raise ValueError(f"recovery method {config.method!r} left nothing to train")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    device = _device(session.module)
-    budget_s = config.minutes * 60 if config.minutes is not None else None
+    stream = _batches(train_rows, config.batch_size, config.seed)
+    budget = _Budget(config.steps, config.minutes * 60 if config.minutes is not None else None)
     warmup = config.warmup
-
-    def batches():
-        while True:
-            order = torch.randperm(train_rows.shape[0], generator=generator)
-            for start in range(0, len(order), config.batch_size):
-                yield train_rows[order[start : start + config.batch_size]]
-
-    stream = batches()
-    t0 = time.perf_counter()
-    initial = _evaluate(session, method, teacher, eval_rows, config)
+    initial = run.evaluate(eval_rows)
     history: list[dict[str, Any]] = [
         dict(step=0, train_loss=None, eval_loss=initial, lr=0.0, seconds=0.0)
     ]
-    best, best_step, best_state = initial, 0, session.snapshot()
-    bad_evals, step, stop_reason = 0, 0, "steps"
+    best = _Best(initial, run.session.snapshot())
+    step = 0
     bar = tqdm(
         total=config.steps, disable=not progress, desc=f"recover[{config.method}]", leave=False
     )
-    while True:
-        elapsed = time.perf_counter() - t0
-        if config.steps is not None and step >= config.steps:
-            stop_reason = "steps"
-            break
-        if budget_s is not None and elapsed >= budget_s:
-            stop_reason = "time"
-            break
-        fractions = []
-        if config.steps is not None:
-            fractions.append((step - warmup) / max(1, config.steps - warmup))
-        if budget_s is not None:
-            fractions.append(elapsed / budget_s)
-        lr = config.lr * lr_factor(step, warmup, max(fractions))
+    while (stop_reason := budget.spent(step)) is None:
+        lr = config.lr * lr_factor(step, warmup, budget.progress(step, warmup))
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-        session.module.train()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = 0.0
-        for _ in range(config.grad_accum):
-            batch = next(stream).to(device)
-            t_logits = _teacher_logits(teacher, batch)
-            loss = method.objective(_forward_logits(session.module, batch), batch, t_logits, config)
-            (loss / config.grad_accum).backward()
-            train_loss += float(loss.detach()) / config.grad_accum
+        train_loss = run.accumulate(stream)
         if not math.isfinite(train_loss):
             stop_reason = "non-finite loss"
             break
@@ -452,67 +434,50 @@ def _train(
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         step += 1
-
         row = dict(
-            step=step,
-            train_loss=train_loss,
-            eval_loss=None,
-            lr=lr,
-            seconds=time.perf_counter() - t0,
+            step=step, train_loss=train_loss, eval_loss=None, lr=lr, seconds=budget.elapsed()
         )
         history.append(row)
-        out_of_budget = (config.steps is not None and step >= config.steps) or (
-            budget_s is not None and time.perf_counter() - t0 >= budget_s
-        )
-        if step % config.eval_every == 0 or out_of_budget:
-            row["eval_loss"] = _evaluate(session, method, teacher, eval_rows, config)
-            row["seconds"] = time.perf_counter() - t0
-            if row["eval_loss"] < best:
-                best, best_step, best_state = row["eval_loss"], step, session.snapshot()
-                bad_evals = 0
-            else:
-                bad_evals += 1
-            bar.set_postfix(loss=f"{train_loss:.3f}", eval=f"{row['eval_loss']:.3f}")
-            if config.patience is not None and bad_evals >= config.patience:
+        postfix = {"loss": f"{train_loss:.3f}"}
+        if step % config.eval_every == 0 or budget.spent(step) is not None:
+            row["eval_loss"] = run.evaluate(eval_rows)
+            row["seconds"] = budget.elapsed()
+            best.update(run.session, row["eval_loss"], step)
+            bar.set_postfix(**postfix, eval=f"{row['eval_loss']:.3f}")
+            if config.patience is not None and best.bad_evals >= config.patience:
                 stop_reason = "early stopping"
                 break
         else:
-            bar.set_postfix(loss=f"{train_loss:.3f}")
+            bar.set_postfix(**postfix)
         bar.update(1)
     bar.close()
 
-    session.restore(best_state)  # keep-best: also undoes a last step that made things worse
+    run.session.restore(best.state)  # keep-best: also undoes a last step that made things worse
     return RecoveryResult(
         method=config.method,
         history=history,
         initial_eval_loss=initial,
-        best_eval_loss=best,
-        best_step=best_step,
+        best_eval_loss=best.loss,
+        best_step=best.step,
         steps=step,
-        seconds=time.perf_counter() - t0,
+        seconds=budget.elapsed(),
         stop_reason=stop_reason,
         trainable_params=sum(p.numel() for p in params),
         config=config.to_dict(),
     )
 
 
-@hookimpl
-def register_recoveries(register) -> None:
-    """The built-in recovery methods: lora, full, distill, qlora."""
-    for cls in BUILTIN_METHODS:
-        register(cls())
-
-
 __all__ = [
     "RecoveryConfig",
+    "RecoveryMethod",
     "RecoveryResult",
     "RecoveryUnavailableError",
     "distill_kl",
     "get_method",
-    "has_lora_modules",
     "lm_loss",
     "lr_factor",
     "pack",
     "recover",
+    "recovery_config",
     "split_data",
 ]

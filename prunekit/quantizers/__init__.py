@@ -1,24 +1,26 @@
 """Built-in quantizers (``awq``, ``gptq``, ``torchao``), registered through
 ``register_quantizers`` like any plugin. They run last: prune -> recover -> quantize.
 
-Backends are imported only when a quantizer runs, so registering them costs nothing and a
-missing backend is reported by ``available()`` with what to install.
+The engine that drives them (:func:`quantize`, :func:`save_quantized`, :func:`is_quantized`)
+lives in :mod:`prunekit.core.quantize` and is re-exported here for convenience. Backends are
+imported only when a quantizer runs, so registering them costs nothing and a missing backend is
+reported by ``available()`` with what to install.
 """
 
 from __future__ import annotations
 
-from prunekit.hookspecs import hookimpl
-from prunekit.quantizers.awq import AWQConfig, AWQQuantizer
-from prunekit.quantizers.base import (
+from prunekit.core.quantize import (
     QuantizationError,
     QuantizerUnavailableError,
-    dir_size_mb,
     get_quantizer,
     is_quantized,
+    options_from_flags,
     quantize,
-    quantizer_config_from_args,
+    quantizer_config,
     save_quantized,
 )
+from prunekit.hookspecs import hookimpl
+from prunekit.quantizers.awq import AWQConfig, AWQQuantizer
 from prunekit.quantizers.gptq import GPTQConfig, GPTQQuantizer
 from prunekit.quantizers.torchao import TorchAOConfig, TorchAOQuantizer
 
@@ -40,10 +42,10 @@ __all__ = [
     "QuantizerUnavailableError",
     "TorchAOConfig",
     "TorchAOQuantizer",
-    "dir_size_mb",
     "get_quantizer",
     "is_quantized",
+    "options_from_flags",
     "quantize",
-    "quantizer_config_from_args",
+    "quantizer_config",
     "save_quantized",
 ]

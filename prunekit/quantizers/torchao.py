@@ -27,13 +27,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prunekit.quantizers.base import (
-    QUANTIZATION_INFO_ATTR,
-    check_choice,
-    check_divisible,
-    check_group_size,
-    module_available,
-)
+from prunekit.core.quantize import QUANTIZATION_INFO_ATTR, check_divisible, missing_modules
+from prunekit.plugins import get_adapter
+from prunekit.quantizers.checks import check_bool, check_choice, check_group_size
 
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_grouped")
 _SCHEME_BITS = {"int8_weight_only": 8, "int8_dynamic": 8, "int4_grouped": 4}
@@ -59,8 +55,7 @@ class TorchAOConfig:
     def __post_init__(self) -> None:
         check_choice("scheme", self.scheme, SCHEMES)
         check_group_size(self.group_size)
-        if not isinstance(self.sym, bool):
-            raise ValueError(f"sym must be True or False, got {self.sym!r}")
+        check_bool("sym", self.sym)
         implied = _SCHEME_BITS[self.scheme]
         if self.bits is None:
             self.bits = implied
@@ -72,26 +67,6 @@ class TorchAOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_args(
-        cls, bits: int | None = None, group_size: int | None = None, scheme: str | None = None
-    ) -> TorchAOConfig:
-        """CLI defaults: ``int8_weight_only``; ``bits=4`` alone means ``int4_grouped``."""
-        if scheme is None:
-            if bits in (None, 8):
-                scheme = "int8_weight_only"
-            elif bits == 4:
-                scheme = "int4_grouped"
-            else:
-                raise ValueError(
-                    f"bits={bits} (--quant-bits) is not available with torchao: use 8 "
-                    "(int8_weight_only, int8_dynamic) or 4 (int4_grouped)"
-                )
-        kwargs: dict[str, Any] = {"scheme": scheme, "bits": bits}
-        if group_size is not None:
-            kwargs["group_size"] = group_size
-        return cls(**kwargs)
 
 
 def torchao_config(config: TorchAOConfig) -> Any:
@@ -121,10 +96,30 @@ class TorchAOQuantizer:
     """Weight-only / dynamic int8 and grouped int4 with torchao (no calibration data)."""
 
     name: ClassVar[str] = "torchao"
-    config_cls: ClassVar[type] = TorchAOConfig
+    config_class: ClassVar[type] = TorchAOConfig
+
+    def options_from_flags(
+        self, bits: int | None = None, group_size: int | None = None, scheme: str | None = None
+    ) -> dict[str, Any]:
+        """CLI flags: default scheme ``int8_weight_only``; ``bits=4`` alone means
+        ``int4_grouped``."""
+        options: dict[str, Any] = {}
+        if scheme is not None:
+            options["scheme"] = scheme
+        elif bits == 4:
+            options["scheme"] = "int4_grouped"
+        elif bits not in (None, 8):
+            raise ValueError(
+                f"bits={bits} (--quant-bits) is not available with torchao: use 8 "
+                "(int8_weight_only, int8_dynamic) or 4 (int4_grouped)"
+            )
+        for key, value in (("bits", bits), ("group_size", group_size)):
+            if value is not None:
+                options[key] = value
+        return options
 
     def available(self) -> tuple[bool, str]:
-        missing = module_available("torchao")
+        missing = missing_modules("torchao")
         if missing:
             return False, "torchao is not installed: pip install 'prunekit[torchao]'"
         from transformers.utils import is_torchao_available
@@ -146,8 +141,6 @@ class TorchAOQuantizer:
         from torchao.quantization import quantize_
         from transformers import TorchAoConfig
         from transformers.quantizers.auto import AutoHfQuantizer
-
-        from prunekit.plugins import get_adapter
 
         if config.scheme == "int4_grouped":
             check_divisible(model, config.group_size)

@@ -1,0 +1,242 @@
+"""What recovery methods build on, and the pieces of the training loop of
+:mod:`prunekit.core.recovery`: the losses, the :class:`TrainingSession` a method's ``prepare``
+returns, packing, the held-out split, the learning-rate schedule and the
+:class:`RecoveryResult` the loop returns. (The base class
+:class:`prunekit.core.recovery.RecoveryMethod` sits next to the config it defaults to.)
+
+A recovery method (registered through ``register_recoveries``; the built-ins are in
+:mod:`prunekit.recoveries`) implements the plugin contract of :mod:`prunekit.contracts` —
+``name``, ``config_class`` (:class:`prunekit.core.recovery.RecoveryConfig`, or a subclass
+with the method's own fields), ``available() -> (ok, why)`` — plus
+
+* ``description`` and ``uses_teacher`` (bool: the loop passes the dense teacher's logits);
+* ``prepare(model, config) -> TrainingSession``: make the trainable parameters;
+  ``session.finish()`` folds them back so the model is a plain (pruned) model again;
+* ``objective(student_logits, input_ids, teacher_logits, config) -> Tensor``: the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---- losses --------------------------------------------------------------------------------
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM, averaged over the ``B·(S−1)`` predicted
+    tokens: ``−mean_t log p(x_{t+1} | x_≤t)``."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1).to(logits.device)
+    )
+
+
+def distill_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Knowledge-distillation loss of Hinton et al. 2015 ("Distilling the Knowledge in a Neural
+    Network"), as used for pruned LLMs by Minitron (Muralidharan et al. 2024, arXiv 2407.14679):
+
+        L = T² · mean_tokens KL( softmax(z_t / T) ‖ softmax(z_s / T) )
+
+    with teacher logits ``z_t`` and student logits ``z_s``. The ``T²`` factor keeps gradient
+    magnitudes comparable across temperatures. Zero exactly when the two logit tensors are
+    equal; averaged over every token position (B·S).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; the teacher must share the student's "
+            "tokenizer and vocabulary (use the dense model the student was pruned from)"
+        )
+    t = float(temperature)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float().to(log_q.device) / t, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * (t * t)
+
+
+# ---- what is trained -----------------------------------------------------------------------
+@dataclass
+class TrainingSession:
+    """Trainable state of one recovery run. ``module`` is what the loop calls forward on;
+    ``finish()`` folds the trained state back into the plain model (merge LoRA, restore
+    ``requires_grad`` flags) and returns it."""
+
+    model: nn.Module
+    module: nn.Module
+    params: dict[str, nn.Parameter]
+    _finish: Callable[[], nn.Module] = field(repr=False)
+
+    def finish(self) -> nn.Module:
+        return self._finish()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable tensors (enough to restore the run's best state)."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n])
+
+
+def _requires_grad_flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _set_requires_grad_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, False))
+
+
+def requires_grad_flags(model: nn.Module) -> dict[str, bool]:
+    """``{parameter name: requires_grad}``, to restore after training."""
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def set_requires_grad_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, False))
+
+
+@dataclass
+class RecoveryResult:
+    """What a recovery run did. ``history`` has one row per optimizer step (``step``,
+    ``train_loss``, ``lr``, ``seconds``, and ``eval_loss`` — None between evaluations); step 0
+    is the evaluation before training."""
+
+    method: str
+    history: list[dict[str, Any]]
+    initial_eval_loss: float
+    best_eval_loss: float
+    best_step: int
+    steps: int
+    seconds: float
+    stop_reason: str
+    trainable_params: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def improved(self) -> bool:
+        return self.best_step > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write the loss curve (train loss per step, held-out loss per evaluation, the kept
+        step marked) as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train = [(h["step"], h["train_loss"]) for h in self.history if h["train_loss"] is not None]
+        evals = [(h["step"], h["eval_loss"]) for h in self.history if h["eval_loss"] is not None]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), lw=1, alpha=0.7, label="train loss")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
+        kept = f"kept (step {self.best_step})"
+        ax.axvline(self.best_step, color="grey", ls="--", lw=1, label=kept)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(
+            f"recovery: {self.method} ({self.steps} steps, {self.seconds:.0f} s, "
+            f"{self.stop_reason})"
+        )
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+# ---- data ----------------------------------------------------------------------------------
+def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Token ids as ``[n, seq_len]`` rows: a ``[n, seq_len]`` tensor is kept, anything else
+    is flattened and cut into consecutive ``seq_len`` chunks (the remainder is dropped)."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        raise TypeError("token ids must be an integer torch tensor (e.g. torch.LongTensor)")
+    ids = ids.long()
+    if ids.dim() == 2 and ids.shape[1] == seq_len:
+        return ids
+    flat = ids.reshape(-1)
+    n = flat.numel() // seq_len
+    if n == 0:
+        raise ValueError(
+            f"{flat.numel()} tokens make no sequence of seq_len={seq_len}; pass more text or a "
+            "smaller RecoveryConfig.seq_len"
+        )
+    return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def split_data(
+    train_ids: torch.Tensor, eval_ids: torch.Tensor | None, config: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out rows (``config``: a ``RecoveryConfig``, read for ``seq_len``,
+    ``eval_samples``, ``n_samples``). Without ``eval_ids`` the last ``eval_samples`` rows (at
+    most a quarter) of ``train_ids`` are held out and never trained on."""
+    rows = pack(train_ids, config.seq_len)
+    if eval_ids is None:
+        if rows.shape[0] < 2:
+            raise ValueError(
+                "need at least 2 sequences to hold one out for evaluation; pass more text, a "
+                "smaller seq_len, or eval_ids"
+            )
+        n_eval = min(config.eval_samples, max(1, rows.shape[0] // 4))
+        train, held = rows[:-n_eval], rows[-n_eval:]
+    else:
+        train, held = rows, pack(eval_ids, config.seq_len)[: config.eval_samples]
+    return train[: config.n_samples], held
+
+
+def lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Learning-rate multiplier before optimizer step ``step`` (0-based): linear warm-up
+    ``(step+1)/warmup`` for ``step < warmup``, then cosine decay ``½(1 + cos(π·p))`` where
+    ``p ∈ [0, 1]`` is the fraction of the post-warm-up budget already used."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+# ---- the loop helpers --------------------------------------------------------------------
+def forward_logits(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = module(input_ids=ids, use_cache=False)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"{type(module).__name__} returns no logits; recovery trains causal language "
+            "models (load the model with AutoModelForCausalLM)"
+        )
+    return logits
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+__all__ = [
+    "RecoveryResult",
+    "device_of",
+    "forward_logits",
+    "lr_factor",
+    "pack",
+    "split_data",
+    "TrainingSession",
+    "distill_kl",
+    "lm_loss",
+    "requires_grad_flags",
+    "set_requires_grad_flags",
+]
