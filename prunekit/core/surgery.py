@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 from prunekit.core.plan import PrunePlan
+from prunekit.core.quant_marks import is_quantized
 from prunekit.core.shapes import LayerShape
 from prunekit.errors import PruningPlanError
 from prunekit.plugins import get_adapter
@@ -28,21 +28,15 @@ def applied_plans(model: nn.Module) -> list[PrunePlan]:
     return list(getattr(model, PLANS_ATTR, None) or [])
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` carries a quantization mark: ``hf_quantizer``, ``is_quantized``,
-    ``config.quantization_config``, or a weight that is a tensor subclass (torchao)."""
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
-        return True
-    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
-        return True
-    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
-
-
-def _check_not_quantized(model: nn.Module) -> None:
-    if _is_quantized(model):
+def check_not_quantized(
+    model: nn.Module, fix: str = "Prune the unquantized model first, then quantize"
+) -> None:
+    """Raise :class:`PruningPlanError` when ``model`` is quantized (packed low-bit weights
+    cannot be sliced); ``fix`` tells the caller's user what to do instead."""
+    if is_quantized(model):
         raise PruningPlanError(
-            "the model is quantized; packed low-bit weights cannot be sliced. Prune the "
-            "unquantized model first, then quantize (prune -> recover -> quantize)",
+            f"the model is quantized; packed low-bit weights cannot be sliced. {fix} "
+            "(prune -> recover -> quantize)",
             entry="model",
         )
 
@@ -88,7 +82,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     appended to ``model.prunekit_plans`` (see :func:`applied_plans`).
     """
     adapter = get_adapter(model)
-    _check_not_quantized(model)
+    check_not_quantized(model)
     layers = adapter.layers(model)
     shapes = adapter.shapes(model)
     head_keeps = plan.validate(shapes)
@@ -100,4 +94,4 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return model
 
 
-__all__ = ["PLANS_ATTR", "applied_plans", "apply_plan"]
+__all__ = ["PLANS_ATTR", "applied_plans", "apply_plan", "check_not_quantized"]
