@@ -125,6 +125,23 @@ def test_remote_code_config_keeps_transformers_format(tmp_path):
         assert "import prunekit" not in source and "from prunekit" not in source
 
 
+def test_save_pretrained_writes_remote_code_and_states_runtimes(tmp_path):
+    out = save_pretrained(apply_plan(tiny_model("qwen2"), PER_LAYER_PLAN), tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"] == "configuration_prunekit.PrunekitQwen2Config"
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    assert sidecar["loadable_by"] == [REMOTE_CODE, PRUNEKIT] == loadable_by(out)
+    uniform = save_pretrained(
+        apply_plan(tiny_model("llama"), PrunePlan(layers=[0])), tmp_path / "u"
+    )
+    assert json.loads((uniform / "prunekit.json").read_text())["loadable_by"] == [
+        STOCK,
+        "vllm",
+        PRUNEKIT,
+    ]
+    assert not (uniform / "modeling_prunekit.py").exists()
+
+
 def test_uniform_result_gets_no_remote_code_and_stale_code_is_removed(tmp_path):
     out = save_pretrained(apply_plan(tiny_model("llama"), PrunePlan(layers=[1])), tmp_path / "u")
     config = json.loads((out / "config.json").read_text())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prunekit.core.plan import PrunePlan
+from prunekit.core.serving import loadable_by, write_remote_code
 from prunekit.core.shapes import LayerShape
 from prunekit.core.surgery import applied_plans
 from prunekit.errors import ModelLoadError, OutputExistsError, UnsafeCheckpointError
@@ -114,6 +115,7 @@ def build_sidecar(
         "adapter": adapter.name,
         "model_type": config.model_type,
         "layer_shapes": [s.to_dict() for s in shapes],
+        "loadable_by": loadable_by(config),
         "plans": [p.to_dict() if isinstance(p, PrunePlan) else dict(p) for p in plans],
         "versions": versions(),
         **(extra or {}),
@@ -153,7 +155,9 @@ def save_pretrained(
     """Save a (pruned) model as safetensors + config + ``prunekit.json``.
 
     Uniform results get a stock config that plain ``AutoModel*.from_pretrained`` loads;
-    per-layer results carry ``per_layer_config`` and load with :func:`load_pretrained`.
+    per-layer results carry ``per_layer_config`` and load with :func:`load_pretrained`, or with
+    ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` through the module
+    :func:`prunekit.core.serving.write_remote_code` writes beside them.
     Refuses a non-empty ``out_dir`` unless ``overwrite=True``; writes atomically. The sidecar
     (:func:`build_sidecar`) records ``plans``, by default ``model.prunekit_plans``, and
     ``extra`` (a callable is called with the directory once the weights are in it).
@@ -171,6 +175,7 @@ def save_pretrained(
         if pickled:  # pragma: no cover - transformers 5 writes safetensors only
             raise RuntimeError(f"refusing to write pickled files {pickled}")
         write_sidecar(tmp, {**sidecar, **extra(tmp)} if callable(extra) else sidecar)
+        write_remote_code(tmp)  # per-layer: loadable with trust_remote_code=True
     return Path(out_dir)
 
 
