@@ -156,6 +156,32 @@ class Adapter:
             self.slice_projection(proj, keep, "out")
         self.slice_projection(self.neuron_output_projection(layer), keep, "in")
 
+    # ---- streaming surgery (checkpoint tensors, no model) --------------------------------
+    def projection_roles(self, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+        """The projections :meth:`slice_heads` and :meth:`slice_neurons` cut, with their role:
+        ``"q"`` / ``"kv"`` (output side, by query / KV heads), ``"o"`` (input side, by query
+        heads), ``"mlp_in"`` (output side, by neurons), ``"mlp_out"`` (input side)."""
+        q, k, v = self.qkv_projections(layer)
+        roles = [(q, "q"), *([(k, "kv"), (v, "kv")] if k is not q else [])]
+        roles.append((self.head_output_projection(layer), "o"))
+        roles += [(proj, "mlp_in") for proj in self.mlp_input_projections(layer)]
+        return [*roles, (self.neuron_output_projection(layer), "mlp_out")]
+
+    def state_key_roles(self, model: nn.Module) -> dict[str, tuple[int, str]]:
+        """Map every per-layer state-dict key of ``model`` to ``(layer index, role)``: the
+        :meth:`projection_roles` role of its module, or ``"layer"`` for a tensor surgery only
+        renumbers or drops (norms). Keys outside the layers are absent."""
+        names = {id(m): name for name, m in model.named_modules()}
+        out: dict[str, tuple[int, str]] = {}
+        for i, layer in enumerate(self.layers(model)):
+            prefix = names[id(layer)]
+            for key in layer.state_dict():
+                out[f"{prefix}.{key}"] = (i, "layer")
+            for module, role in self.projection_roles(layer):
+                for pname, _ in module.named_parameters(recurse=False):
+                    out[f"{names[id(module)]}.{pname}"] = (i, role)
+        return out
+
     def set_layer_index(self, layer: nn.Module, index: int) -> None:
         attn = self.attention(layer)
         if hasattr(attn, "layer_idx"):

@@ -1,0 +1,365 @@
+"""Apply a :class:`PrunePlan` to a checkpoint directory tensor by tensor, without building the
+model: read each tensor (safetensors ``safe_open``), slice it by the plan, write it to output
+shards sharded like the input, with ``model.safetensors.index.json`` when there are several.
+
+The model is built only as a skeleton on the meta device (no memory): the adapter names the
+role of every per-layer tensor (:meth:`~prunekit.adapters.base.Adapter.state_key_roles`),
+:func:`prunekit.apply_plan` on the skeleton gives the new tensor names (layers renumbered),
+their shapes and the config exactly as the in-memory path writes it, and each real projection
+is cut by the adapter's own ``slice_projection`` — so the result equals
+``load_model`` + ``apply_plan`` + ``save_pretrained`` bit for bit. Tensors keep their dtype;
+tied embeddings stay tied (the tied copy is not stored, as in the input). Peak memory is about
+one output shard plus the tensor being sliced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.core.io import (
+    AtomicDir,
+    _model_class,
+    _strip_config_key,
+    build_sidecar,
+    global_access,
+    read_config,
+    write_sidecar,
+)
+from prunekit.core.plan import PrunePlan
+from prunekit.core.serving import write_remote_code
+from prunekit.core.surgery import apply_plan
+from prunekit.errors import ModelLoadError
+from prunekit.plugins import get_adapter
+
+INDEX_FILE = "model.safetensors.index.json"
+#: tokenizer files copied unchanged from the input directory
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+#: safetensors dtype name -> torch dtype
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, torch_name)
+    for name, torch_name in (
+        pair.split(":")
+        for pair in (
+            "F64:float64 F32:float32 BF16:bfloat16 F16:float16 F8_E4M3:float8_e4m3fn "
+            "F8_E5M2:float8_e5m2 I64:int64 I32:int32 I16:int16 I8:int8 U8:uint8 BOOL:bool"
+        ).split()
+    )
+}
+_HEAD_ROLES = {"q": "out", "kv": "out", "o": "in"}
+_NEURON_ROLES = {"mlp_in": "out", "mlp_out": "in"}
+
+
+# ---- reading checkpoints without loading them ---------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a checkpoint tensor lives and what it is, read from a safetensors header."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        if self.dtype not in DTYPES:
+            raise ModelLoadError(f"{self.file.name}: unsupported safetensors dtype {self.dtype}")
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * self.itemsize
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read
+    without mapping the file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def checkpoint_tensors(directory: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of the ``*.safetensors`` files of ``directory``, file by file."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory} has no *.safetensors weight files")
+    out: dict[str, TensorInfo] = {}
+    for f in files:
+        for key, entry in read_header(f).items():
+            if key != "__metadata__":
+                out[key] = TensorInfo(f, entry["dtype"], tuple(entry["shape"]))
+    return out
+
+
+def main_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes (what ``dtype="auto"`` loads)."""
+    sizes: dict[str, int] = {}
+    for t in tensors.values():
+        if t.dtype.startswith(("F", "BF")):
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.nbytes
+    return DTYPES[max(sizes, key=sizes.__getitem__)] if sizes else torch.float32
+
+
+def max_shard_bytes(tensors: dict[str, TensorInfo]) -> int | None:
+    """The input's shard size limit as far as it shows (its largest shard); ``None`` when the
+    checkpoint is one file."""
+    per_file: dict[Path, int] = {}
+    for t in tensors.values():
+        per_file[t.file] = per_file.get(t.file, 0) + t.nbytes
+    return max(per_file.values()) if len(per_file) > 1 else None
+
+
+# ---- the meta skeleton ---------------------------------------------------------------------
+def meta_skeleton(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of ``directory`` built on the meta device (no weights, no memory), per-layer
+    configs reshaped layer by layer like :func:`prunekit.load_pretrained` does."""
+    from accelerate import init_empty_weights
+
+    config = read_config(directory)
+    adapter = get_adapter(config)
+    shapes = adapter.layer_shapes_from_config(config)
+    raw = json.loads((Path(directory) / "config.json").read_text())
+    overrides = {int(k): v for k, v in (raw.get("per_layer_config") or {}).items()}
+    if shapes is not None:
+        config.per_layer_config = None  # build the homogeneous skeleton from the global values
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config, adapter)._from_config(config, dtype=dtype)
+    if shapes is not None:
+        for layer, shape in zip(adapter.layers(model), shapes, strict=True):
+            adapter.reshape_layer(layer, shape)
+        model.config.per_layer_config = overrides
+    return model.eval()
+
+
+def _state_names(model: nn.Module) -> dict[tuple[int, str], str]:
+    """(module id, attribute) -> state-dict key, for every parameter and persistent buffer."""
+    out = {}
+    for m_name, module in model.named_modules():
+        named = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for attr, _ in named:
+            if attr not in getattr(module, "_non_persistent_buffers_set", ()):
+                out[(id(module), attr)] = f"{m_name}.{attr}" if m_name else attr
+    return out
+
+
+# ---- slicing real tensors ---------------------------------------------------------------
+class _Reader:
+    """Reads checkpoint tensors through ``safe_open``; files stay mapped until :meth:`close`."""
+
+    def __init__(self, tensors: dict[str, TensorInfo]):
+        self.tensors = tensors
+        self.stack = contextlib.ExitStack()
+        self.handles: dict[Path, Any] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.tensors[key].file
+        if file not in self.handles:
+            self.handles[file] = self.stack.enter_context(safe_open(file, "pt", device="cpu"))
+        return self.handles[file].get_tensor(key)
+
+    def close(self) -> None:
+        self.stack.close()
+        self.handles.clear()
+
+
+class _Slicer:
+    """Slices one checkpoint tensor (or the tensors of one projection) as
+    :func:`prunekit.apply_plan` would slice the module holding it."""
+
+    def __init__(self, skeleton: nn.Module, plan: PrunePlan):
+        self.model = skeleton
+        self.adapter = get_adapter(skeleton)
+        self.roles = self.adapter.state_key_roles(skeleton)
+        self.shapes = self.adapter.shapes(skeleton)
+        self.head_keeps = plan.validate(self.shapes)
+        self.neurons = plan.neurons
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def keep(self, layer_idx: int, role: str) -> tuple[Any, str] | None:
+        """``(keep indices, dim)`` of a projection role in a layer, or ``None`` (untouched)."""
+        layer = self.adapter.layers(self.model)[layer_idx]
+        if role in _HEAD_ROLES and layer_idx in self.head_keeps:
+            keep_q, keep_kv = self.head_keeps[layer_idx]
+            heads = keep_kv if role == "kv" else keep_q
+            return self.adapter.head_features(layer, heads), _HEAD_ROLES[role]
+        if role in _NEURON_ROLES and self.neurons.get(layer_idx):
+            gone = set(self.neurons[layer_idx])
+            n = self.shapes[layer_idx].intermediate
+            return [i for i in range(n) if i not in gone], _NEURON_ROLES[role]
+        return None
+
+    def tensor(self, key: str, reader: _Reader) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending.pop(key)
+        layer_idx, role = self.roles.get(key, (None, "layer"))
+        cut = self.keep(layer_idx, role) if layer_idx is not None else None
+        if cut is None:
+            return reader.get(key)
+        m_name = key.rpartition(".")[0]
+        module = self.model.get_submodule(m_name)
+        names = [name for name, _ in module.named_parameters(recurse=False)]
+        for name in names:
+            setattr(module, name, nn.Parameter(reader.get(f"{m_name}.{name}"), False))
+        self.adapter.slice_projection(module, *cut)
+        for name in names:
+            self.pending[f"{m_name}.{name}"] = getattr(module, name).detach()
+            setattr(module, name, nn.Parameter(torch.empty(0, device="meta"), False))
+        return self.pending.pop(key)
+
+
+# ---- writing ---------------------------------------------------------------------------
+def plan_shards(sizes: dict[str, int], limit: int | None) -> list[list[str]]:
+    """Split keys (in order) into shards of at most ``limit`` bytes (a larger tensor gets a
+    shard of its own), as ``save_pretrained(max_shard_size=...)`` does."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes.items():
+        if limit is not None and shards[-1] and used + n > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_config(model: nn.Module, source: Path, out: Path, dtype: torch.dtype) -> None:
+    """config.json (and generation_config.json) as ``model.save_pretrained`` writes them."""
+    config = model.config
+    config.dtype = str(dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    with global_access(config):
+        config.save_pretrained(out)
+    _strip_config_key(out / "config.json", "allow_global_per_layer_attribute_access")
+    if (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", out / "generation_config.json")
+    elif model.can_generate():
+        model.generation_config.save_pretrained(out)
+
+
+def _rename_map(pruned: nn.Module, before: dict[tuple[int, str], str]) -> dict[str, str]:
+    """Old state-dict key -> new key, for the tensors ``pruned`` still has."""
+    after = _state_names(pruned)
+    return {before[k]: after[k] for k in before if k in after}
+
+
+@contextlib.contextmanager
+def _open_reader(tensors: dict[str, TensorInfo]) -> Iterator[_Reader]:
+    reader = _Reader(tensors)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensors) -> dict:
+    from safetensors.torch import save_file
+
+    names = _shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    total_size = total_params = 0
+    for name, keys in zip(names, shards, strict=True):
+        with _open_reader(tensors) as reader:
+            # contiguous: index_select on the input axis leaves a transposed-stride copy
+            state = {k: slicer.tensor(new_to_old[k], reader).contiguous() for k in keys}
+        save_file(state, out / name, metadata={"format": "pt"})
+        for k, t in state.items():
+            weight_map[k] = name
+            total_size += t.numel() * t.element_size()
+            total_params += t.numel()
+        del state
+    return {
+        "metadata": {"total_parameters": total_params, "total_size": total_size},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+
+
+def stream_apply(
+    model_dir: str | Path,
+    plan: PrunePlan,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Apply ``plan`` to the checkpoint in ``model_dir`` and write the pruned model to
+    ``out_dir`` tensor by tensor, never building the model. Output shards are at most
+    ``max_shard_size`` bytes (default: the input's largest shard; one file when the input is
+    one file). The config, sidecar (``extra`` added) and tokenizer files are written as the
+    in-memory ``apply_plan`` + ``save_pretrained`` writes them; the input is never modified."""
+    source = Path(model_dir)
+    if Path(out_dir).resolve() == source.resolve():
+        raise ValueError("the output directory is the input checkpoint; write elsewhere")
+    tensors = checkpoint_tensors(source)
+    dtype = main_dtype(tensors)
+    skeleton = meta_skeleton(source, dtype)
+    slicer = _Slicer(copy.deepcopy(skeleton), plan)  # validates the plan before any write
+    before = _state_names(skeleton)
+    unknown = sorted(set(tensors) - set(before.values()))
+    if unknown:
+        raise ModelLoadError(
+            f"checkpoint tensors {unknown[:5]} are not in the {type(skeleton).__name__} "
+            "built from its config; apply the plan in memory instead (--in-memory)"
+        )
+    renamed = _rename_map(apply_plan(skeleton, plan), before)
+    new_state = skeleton.state_dict()
+    new_to_old = {new: old for old, new in renamed.items() if old in tensors}
+    order = [k for k in new_state if k in new_to_old]
+    sizes = {k: new_state[k].numel() * tensors[new_to_old[k]].itemsize for k in order}
+    limit = max_shard_size if max_shard_size is not None else max_shard_bytes(tensors)
+    shards = plan_shards(sizes, limit)
+    with AtomicDir(out_dir, overwrite) as tmp:
+        index = _write_shards(tmp, shards, new_to_old, slicer, tensors)
+        if len(shards) > 1:
+            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+            (tmp / INDEX_FILE).write_text(text, encoding="utf-8")
+        _write_config(skeleton, source, tmp, dtype)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        write_sidecar(tmp, build_sidecar(skeleton, extra=extra))
+        write_remote_code(tmp)  # per-layer: loadable with trust_remote_code=True
+    return Path(out_dir)
+
+
+__all__ = [
+    "INDEX_FILE",
+    "TensorInfo",
+    "checkpoint_tensors",
+    "main_dtype",
+    "max_shard_bytes",
+    "meta_skeleton",
+    "plan_shards",
+    "read_header",
+    "stream_apply",
+]

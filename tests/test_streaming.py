@@ -1,0 +1,177 @@
+"""Streaming apply (checkpoint tensors read, sliced and written one by one) is the in-memory
+``load_model`` + ``apply_plan`` + ``save_pretrained`` bit for bit, on sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DECODERS, tiny_model
+from safetensors import safe_open
+
+from prunekit import PrunePlan, apply_plan, load_model, save_pretrained
+from prunekit.core.streaming import (
+    INDEX_FILE,
+    checkpoint_tensors,
+    main_dtype,
+    max_shard_bytes,
+    plan_shards,
+    stream_apply,
+)
+from prunekit.errors import ModelLoadError, PruningPlanError
+
+SHARD = "20KB"
+# 5 layers, 8 query heads in 2 KV groups of 4, 96 neurons
+UNIFORM = PrunePlan(
+    layers=[1],
+    heads={i: [4, 5, 6, 7] for i in (0, 2, 3, 4)},
+    neurons={i: list(range(0, 96, 3)) for i in (0, 2, 3, 4)},
+)
+PER_LAYER = PrunePlan(
+    layers=[3],
+    heads={0: [1, 5], 2: [0, 1, 2, 3], 4: [3, 7]},
+    neurons={1: [0, 5, 95], 2: list(range(40)), 4: [10]},
+)
+
+
+def _checkpoint(tmp_path: Path, arch: str = "llama", dtype=torch.float32) -> Path:
+    path = tmp_path / f"{arch}-{str(dtype).split('.')[1]}"
+    tiny_model(arch).to(dtype).save_pretrained(path, max_shard_size=SHARD)
+    return path
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _in_memory(src: Path, plan: PrunePlan, out: Path, dtype) -> Path:
+    model, tok = load_model(src, dtype=dtype)
+    return save_pretrained(apply_plan(model, plan), out, tok)
+
+
+def _assert_same(streamed: Path, in_memory: Path) -> None:
+    a, b = _tensors(streamed), _tensors(in_memory)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+    ca = json.loads((streamed / "config.json").read_text())
+    cb = json.loads((in_memory / "config.json").read_text())
+    assert ca == cb
+    sa = json.loads((streamed / "prunekit.json").read_text())
+    sb = json.loads((in_memory / "prunekit.json").read_text())
+    assert {k: v for k, v in sa.items() if k != "versions"} == {
+        k: v for k, v in sb.items() if k != "versions"
+    }
+
+
+def _assert_valid_index(directory: Path) -> None:
+    index = json.loads((directory / INDEX_FILE).read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 1
+    assert files == {f.name for f in directory.glob("*.safetensors")}
+    tensors = checkpoint_tensors(directory)
+    assert set(index["weight_map"]) == set(tensors)
+    for key, name in index["weight_map"].items():
+        assert tensors[key].file.name == name
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("plan", [UNIFORM, PER_LAYER], ids=["uniform", "per_layer"])
+def test_streaming_equals_in_memory(arch, plan, tmp_path):
+    src = _checkpoint(tmp_path, arch)
+    assert (src / INDEX_FILE).is_file()
+    streamed = stream_apply(src, plan, tmp_path / "streamed")
+    _assert_same(streamed, _in_memory(src, plan, tmp_path / "memory", torch.float32))
+    _assert_valid_index(streamed)
+    assert max_shard_bytes(checkpoint_tensors(streamed)) <= max_shard_bytes(checkpoint_tensors(src))
+
+
+def test_streaming_bf16_stays_bf16_and_reloads(tmp_path, ids):
+    src = _checkpoint(tmp_path, dtype=torch.bfloat16)
+    streamed = stream_apply(src, UNIFORM, tmp_path / "streamed")
+    memory = _in_memory(src, UNIFORM, tmp_path / "memory", torch.bfloat16)
+    _assert_same(streamed, memory)
+    assert {t.dtype for t in checkpoint_tensors(streamed).values()} == {"BF16"}
+    assert json.loads((streamed / "config.json").read_text())["dtype"] == "bfloat16"
+    model, _ = load_model(streamed, dtype=torch.bfloat16)
+    reference, _ = load_model(memory, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_streaming_a_per_layer_checkpoint(tmp_path):
+    """A second round on a per-layer result (its skeleton is reshaped layer by layer)."""
+    src = _checkpoint(tmp_path)
+    first = stream_apply(src, PER_LAYER, tmp_path / "first")
+    again = PrunePlan(layers=[0], heads={1: [0, 4]}, neurons={2: [1, 2]})
+    streamed = stream_apply(first, again, tmp_path / "streamed")
+    model, tok = load_model(first)
+    model.prunekit_plans = []  # the in-memory sidecar records only this round, like streaming
+    memory = save_pretrained(apply_plan(model, again), tmp_path / "memory", tok)
+    _assert_same(streamed, memory)
+
+
+def test_one_file_in_one_file_out_and_tied_embeddings(tmp_path, ids):
+    src = tmp_path / "one"
+    tiny_model("llama").save_pretrained(src)
+    out = stream_apply(src, UNIFORM, tmp_path / "out")
+    assert [f.name for f in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (out / INDEX_FILE).exists()
+    model, _ = load_model(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_peak_memory_is_one_shard(tmp_path, monkeypatch):
+    """Each output shard is written from at most one shard's worth of tensors, read from the
+    input files it needs (at most about two input shards' worth, unmapped after every shard)."""
+    import safetensors.torch
+
+    from prunekit.core import streaming
+
+    src = _checkpoint(tmp_path)
+    limit = max_shard_bytes(checkpoint_tensors(src))
+    written, read = [], [0]
+    real_save, real_get = safetensors.torch.save_file, streaming._Reader.get
+
+    def save(state, path, metadata=None):
+        written.append((sum(t.numel() * t.element_size() for t in state.values()), read[0]))
+        read[0] = 0
+        real_save(state, path, metadata=metadata)
+
+    def get(self, key):
+        tensor = real_get(self, key)
+        read[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    monkeypatch.setattr(streaming._Reader, "get", get)
+    stream_apply(src, UNIFORM, tmp_path / "out")
+    assert len(written) > 1
+    assert max(w for w, _ in written) <= limit
+    assert max(r for _, r in written) <= 2 * limit
+
+
+def test_bad_plan_and_output_fail_before_writing(tmp_path):
+    src = _checkpoint(tmp_path)
+    with pytest.raises(PruningPlanError):
+        stream_apply(src, PrunePlan(layers=[7]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="input checkpoint"):
+        stream_apply(src, UNIFORM, src, overwrite=True)
+    with pytest.raises(ModelLoadError):
+        stream_apply(tmp_path / "missing", UNIFORM, tmp_path / "out")
+
+
+def test_plan_shards_and_main_dtype(tmp_path):
+    assert plan_shards({"a": 5, "b": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards({"a": 5, "b": 5}, None) == [["a", "b"]]
+    src = _checkpoint(tmp_path, dtype=torch.bfloat16)
+    assert main_dtype(checkpoint_tensors(src)) == torch.bfloat16
