@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DECODERS, VOCAB, logits, run_python, tiny_model
+from conftest import DECODERS, VOCAB, logits, run_python, tiny_config, tiny_model
 from decilm_reference import DeciLMReference
 from torch import nn
 
@@ -27,6 +27,11 @@ from prunekit.core.serving import (
 )
 from prunekit.errors import ExportError
 
+#: the attention keys of the Nemotron-NAS checkpoints (Llama-3.3-Nemotron-Super-49B config.json)
+NEMOTRON_ATTENTION_KEYS = (
+    "n_heads_in_group no_op num_sink_tokens replace_with_linear sparsify unshifted_sink "
+    "use_prefill_window_in_sink_attention window_length"
+)
 PER_LAYER_PLAN = PrunePlan(heads={1: [0, 1, 2, 3]}, neurons={2: list(range(10))}, layers=[4])
 
 
@@ -206,15 +211,8 @@ def test_decilm_export_uses_ffn_mult_when_representable(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=3,
-        intermediate_size=512,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    config = tiny_config("llama")
+    config.intermediate_size, config.num_hidden_layers = 512, 3
     config._attn_implementation = "eager"
     model = tf.LlamaForCausalLM(config).eval()
     apply_plan(model, PrunePlan(neurons={1: list(range(256))}))
@@ -228,16 +226,9 @@ def test_decilm_export_of_subblocks_matches_reference(tmp_path):
     model = save_with_skips(tiny_model("llama"), tmp_path / "m", {1: ["attention"], 3: ["mlp"]})
     config = _export_and_compare(model, tmp_path / "m", tmp_path / "deci", ids_for_test())
     blocks = config["block_configs"]
-    assert blocks[1]["attention"] == {
-        "n_heads_in_group": None,
-        "no_op": True,
-        "num_sink_tokens": None,
-        "replace_with_linear": False,
-        "sparsify": None,
-        "unshifted_sink": False,
-        "use_prefill_window_in_sink_attention": False,
-        "window_length": None,
-    }
+    attention = blocks[1]["attention"]
+    assert (attention["no_op"], attention["n_heads_in_group"]) == (True, None)
+    assert sorted(attention) == NEMOTRON_ATTENTION_KEYS.split()
     assert blocks[3]["ffn"] == {
         "ffn_mult": None,
         "no_op": True,

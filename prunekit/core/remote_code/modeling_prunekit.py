@@ -106,78 +106,47 @@ def _build_layers(model: nn.Module, config, layer_cls: type[nn.Module]) -> None:
     model.post_init()
 
 
-def _init_causal_lm(self, stock_cls, config, model_cls) -> None:
-    """``stock_cls.__init__`` with the decoder built by ``model_cls``."""
-    super(stock_cls, self).__init__(config)
-    self.model = model_cls(config)
-    self.vocab_size = config.vocab_size
-    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    self.post_init()
+def _model_classes(stem: str, model_base, causal_base, layer_cls, config_cls):
+    """``Prunekit<stem>Model`` and ``Prunekit<stem>ForCausalLM``: the stock classes with every
+    decoder layer built by :func:`_build_layers`."""
 
-
-class PrunekitLlamaModel(LlamaModel):
-    config_class = PrunekitLlamaConfig
-
-    def __init__(self, config):
+    def model_init(self, config):
         with _global_values(config):
-            super().__init__(config)
-            _build_layers(self, config, LlamaDecoderLayer)
+            model_base.__init__(self, config)
+            _build_layers(self, config, layer_cls)
 
+    model_cls = type(
+        f"Prunekit{stem}Model",
+        (model_base,),
+        {"config_class": config_cls, "__init__": model_init, "__module__": __name__},
+    )
 
-class PrunekitLlamaForCausalLM(LlamaForCausalLM):
-    config_class = PrunekitLlamaConfig
-
-    def __init__(self, config):
+    def causal_init(self, config):
+        # causal_base.__init__ with the decoder built by model_cls
         with _global_values(config):
-            _init_causal_lm(self, LlamaForCausalLM, config, PrunekitLlamaModel)
+            super(causal_base, self).__init__(config)
+            self.model = model_cls(config)
+            self.vocab_size = config.vocab_size
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+    causal_cls = type(
+        f"Prunekit{stem}ForCausalLM",
+        (causal_base,),
+        {"config_class": config_cls, "__init__": causal_init, "__module__": __name__},
+    )
+    return model_cls, causal_cls
 
 
-class PrunekitMistralModel(MistralModel):
-    config_class = PrunekitMistralConfig
-
-    def __init__(self, config):
-        with _global_values(config):
-            super().__init__(config)
-            _build_layers(self, config, MistralDecoderLayer)
-
-
-class PrunekitMistralForCausalLM(MistralForCausalLM):
-    config_class = PrunekitMistralConfig
-
-    def __init__(self, config):
-        with _global_values(config):
-            _init_causal_lm(self, MistralForCausalLM, config, PrunekitMistralModel)
-
-
-class PrunekitQwen2Model(Qwen2Model):
-    config_class = PrunekitQwen2Config
-
-    def __init__(self, config):
-        with _global_values(config):
-            super().__init__(config)
-            _build_layers(self, config, Qwen2DecoderLayer)
-
-
-class PrunekitQwen2ForCausalLM(Qwen2ForCausalLM):
-    config_class = PrunekitQwen2Config
-
-    def __init__(self, config):
-        with _global_values(config):
-            _init_causal_lm(self, Qwen2ForCausalLM, config, PrunekitQwen2Model)
-
-
-class PrunekitQwen3Model(Qwen3Model):
-    config_class = PrunekitQwen3Config
-
-    def __init__(self, config):
-        with _global_values(config):
-            super().__init__(config)
-            _build_layers(self, config, Qwen3DecoderLayer)
-
-
-class PrunekitQwen3ForCausalLM(Qwen3ForCausalLM):
-    config_class = PrunekitQwen3Config
-
-    def __init__(self, config):
-        with _global_values(config):
-            _init_causal_lm(self, Qwen3ForCausalLM, config, PrunekitQwen3Model)
+PrunekitLlamaModel, PrunekitLlamaForCausalLM = _model_classes(
+    "Llama", LlamaModel, LlamaForCausalLM, LlamaDecoderLayer, PrunekitLlamaConfig
+)
+PrunekitMistralModel, PrunekitMistralForCausalLM = _model_classes(
+    "Mistral", MistralModel, MistralForCausalLM, MistralDecoderLayer, PrunekitMistralConfig
+)
+PrunekitQwen2Model, PrunekitQwen2ForCausalLM = _model_classes(
+    "Qwen2", Qwen2Model, Qwen2ForCausalLM, Qwen2DecoderLayer, PrunekitQwen2Config
+)
+PrunekitQwen3Model, PrunekitQwen3ForCausalLM = _model_classes(
+    "Qwen3", Qwen3Model, Qwen3ForCausalLM, Qwen3DecoderLayer, PrunekitQwen3Config
+)
