@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import VOCAB, logits, tiny_config, tiny_model
 
+import prunekit
 from prunekit import PrunePlan, PruningPlanError, apply_plan, save_pretrained
 from prunekit.core.heal import (
     accumulate_run_stats,
@@ -14,6 +15,7 @@ from prunekit.core.heal import (
     heal_and_remove,
     layer_runs,
     select_block_by_heal_residual,
+    select_layers_by_heal_residual,
 )
 
 
@@ -168,3 +170,71 @@ def test_refusals(calib):
         apply_linear_heal(pruned, {(2, 2): torch.eye(64, dtype=torch.float64)})
     with pytest.raises(ValueError, match="objective"):
         fit_linear_heal(tiny_model("llama"), calib, [2], objective="l1")
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_sequential_fit_targets_the_healed_model(calib):
+    """With ``sequential=True`` the second run's map is the least-squares fit on the model
+    whose first run is already healed and removed; the model is left unchanged."""
+    model = tiny_model("llama").double()
+    before = _state(model)
+    maps = fit_linear_heal(model, calib, [1, 3], ridge=0.0, sequential=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    parallel = fit_linear_heal(model, calib, [1, 3], ridge=0.0, sequential=False)
+    torch.testing.assert_close(maps[(1, 1)], parallel[(1, 1)], atol=1e-10, rtol=1e-10)
+    assert not torch.allclose(maps[(3, 3)], parallel[(3, 3)])
+
+    healed = apply_linear_heal(tiny_model("llama").double(), {(1, 1): maps[(1, 1)]})
+    captured = {}
+    hook = healed.model.layers[2].mlp.register_forward_hook(
+        lambda m, a, out: captured.setdefault("m", out)
+    )
+    with torch.no_grad(), prunekit.masked(healed, PrunePlan(layers=[1])):
+        hidden = healed(input_ids=calib, output_hidden_states=True).hidden_states
+    hook.remove()
+    m = captured["m"].reshape(-1, 64)
+    h = hidden[3].reshape(-1, 64) - m
+    direct = torch.linalg.lstsq(m, hidden[4].reshape(-1, 64) - h).solution
+    torch.testing.assert_close(maps[(3, 3)], direct, atol=1e-8, rtol=1e-8)
+
+
+def test_greedy_selector_scores_the_healed_model_and_restores_it(calib):
+    model = linear_block_model()
+    before = _state(model)
+    layers, history = select_layers_by_heal_residual(model, calib, 2, ridge=1e-12)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert len(layers) == 2 and 0 not in layers and 4 not in layers  # protected ends
+    assert history[0][2] < 1e-12  # layer 2 adds a linear function of M_1
+    _, block_scores = select_block_by_heal_residual(model, calib, 1, ridge=1e-12)
+    finite = torch.isfinite(block_scores)
+    torch.testing.assert_close(history[0][finite], block_scores[finite])
+    first = int(history[0].argmin())
+    assert first in layers and torch.isinf(history[1][first])  # not scored again
+
+
+def test_heal_residual_scorer_selects_the_linear_block(calib):
+    model = linear_block_model()
+    s = prunekit.score(
+        model, calib, ["heal_residual"], configs={"heal_residual": {"ridge": 1e-12}}, progress=False
+    )
+    d = s["heal_residual"]
+    assert d.shape == (5, 5) and torch.isnan(d[:, 0]).all()
+    _, block2 = select_block_by_heal_residual(model, calib, 2, ridge=1e-12)
+    torch.testing.assert_close(d[1, 1:3].double(), block2[1:3], rtol=1e-5, atol=1e-12)
+    plan, _ = prunekit.plan_for(
+        model,
+        calib,
+        prunekit.Targets(layers=2, layer_scorer="heal_residual", mode="uniform"),
+        progress=False,
+        configs={"heal_residual": {"ridge": 1e-12}},
+    )
+    assert sorted(plan.layers) == [2, 3]
+    with pytest.raises(ValueError, match="pre-norm"):
+        prunekit.score(tiny_model("bert"), calib, ["heal_residual"], progress=False)
+    with pytest.raises(ValueError, match="max_block"):
+        prunekit.score(model, calib, ["heal_residual"], configs={"heal_residual": {"max_block": 0}})

@@ -53,14 +53,16 @@ one the healed model loses least on.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from prunekit.core.capture import Accumulator, capture
+from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
 from prunekit.core.surgery import applied_plans, apply_plan
 from prunekit.errors import PruningPlanError
@@ -130,13 +132,13 @@ class RunStats:
     n_tokens: int = 0
     sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    @classmethod
-    def zeros(cls, d: int, device: torch.device) -> RunStats:
-        z = torch.zeros(d, d, dtype=torch.float64, device=device)
-        return cls(gram=z, cross=z.clone())
-
     def add(self, m: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch: regressor ``m``, target ``Y − h`` and block output ``y``."""
         self.gram += m.T @ m
+        self.add_cross(m, target, y)
+
+    def add_cross(self, m: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> None:
+        """Everything but the Gram matrix (when it is shared and added by the caller)."""
         self.cross += m.T @ target
         self.tt += float((target * target).sum())
         self.yy += float((y * y).sum())
@@ -157,17 +159,25 @@ class RunStats:
         return max(r, 0.0)
 
 
-class _HealAccumulator(Accumulator):
-    """Collects :class:`RunStats` for runs ``(first, last)`` during :func:`capture`."""
+class HealAccumulator(Accumulator):
+    """Collects :class:`RunStats` for runs ``(first, last)`` during :func:`capture`.
+
+    ``prev[run]`` is the kept layer whose MLP output is the regressor (``first - 1`` unless
+    the layers in between are masked out). Runs sharing it share one Gram matrix (computed
+    once per batch), so memory is one ``[d, d]`` float64 matrix per run plus one per ``p``.
+    It needs a whole batch through all layers at once: normal mode only, not sequential.
+    """
 
     taps = frozenset({"layer_io", "neuron_inputs"})
 
-    def __init__(self, adapter, runs: Sequence[Run], d: int, device, sample_fraction: float = 0):
+    def __init__(self, adapter, prev: dict[Run, int], sample_fraction: float = 0):
         self.adapter = adapter
-        self.runs = list(runs)
-        self.stats = {r: RunStats.zeros(d, device) for r in self.runs}
-        self.before = {r[0] - 1 for r in self.runs}
+        self.prev = dict(prev)
+        self.stats: dict[Run, RunStats] = {}
+        self.grams: dict[int, torch.Tensor] = {}  # p -> Σ M_pᵀ M_p, shared by its runs
+        self.before = set(self.prev.values())
         self.mlp_out: dict[int, torch.Tensor] = {}  # p -> M_p of the current batch
+        self.added: set[int] = set()  # p whose Gram already has the current batch
         self.resid: dict[Run, tuple[torch.Tensor, torch.Tensor]] = {}  # run -> (M_p, h_p)
         self.sample_fraction = sample_fraction
         self.rng = random.Random(0)
@@ -177,16 +187,26 @@ class _HealAccumulator(Accumulator):
             self.mlp_out[i] = _flat64(_down_output(self.adapter, layer, a))
 
     def on_layer_io(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor, rows: slice) -> None:
-        for run in self.runs:
+        for run, p in self.prev.items():
             if run[0] == i:
-                m = self.mlp_out[i - 1]
+                m = self.mlp_out[p]
                 self.resid[run] = (m, _flat64(x_in) - m)
             if run[1] == i:
                 m, h = self.resid.pop(run)
-                y = _flat64(x_out)
-                self.stats[run].add(m, y - h, y)
-                if self.sample_fraction > 0:
-                    self._keep_sample(run, m, h, y)
+                self._add(run, p, m, h, _flat64(x_out))
+
+    def _add(self, run: Run, p: int, m: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
+        d = m.shape[1]
+        if p not in self.grams:
+            self.grams[p] = torch.zeros(d, d, dtype=torch.float64, device=m.device)
+        if p not in self.added:
+            self.grams[p] += m.T @ m
+            self.added.add(p)
+        if run not in self.stats:
+            self.stats[run] = RunStats(gram=self.grams[p], cross=torch.zeros_like(self.grams[p]))
+        self.stats[run].add_cross(m, y - h, y)
+        if self.sample_fraction > 0:
+            self._keep_sample(run, m, h, y)
 
     def _keep_sample(self, run: Run, m, h, y) -> None:
         """Uniform token subsample (same fraction of every batch) for the cosine objective."""
@@ -196,9 +216,19 @@ class _HealAccumulator(Accumulator):
 
     def end_batch(self) -> None:
         self.mlp_out.clear()
+        self.added.clear()
 
     def result(self) -> dict[Run, RunStats]:
         return self.stats
+
+
+def preceding_kept(first: int, removed: Iterable[int]) -> int:
+    """The last layer before ``first`` that is not in ``removed`` (-1 if none)."""
+    gone = set(removed)
+    p = first - 1
+    while p in gone:
+        p -= 1
+    return p
 
 
 def accumulate_run_stats(
@@ -206,18 +236,21 @@ def accumulate_run_stats(
     calib_ids: torch.Tensor,
     runs: Sequence[Run],
     *,
+    removed: Sequence[int] = (),
     sample_tokens: int = 0,
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict[Run, RunStats]:
     """One forward pass over ``calib_ids`` accumulating :class:`RunStats` for every run (and a
-    uniform subsample of about ``sample_tokens`` tokens per run when it is positive)."""
-    adapter = get_adapter(model)
-    d = adapter.out_features(adapter.neuron_output_projection(adapter.layers(model)[0]))
-    device = next(model.parameters()).device
+    uniform subsample of about ``sample_tokens`` tokens per run when it is positive).
+
+    ``removed``: layers already taken out (masked during the pass); a run's regressor is then
+    the MLP output of the last kept layer before it (:func:`preceding_kept`)."""
     fraction = min(1.0, sample_tokens / max(1, calib_ids.numel()))
-    acc = _HealAccumulator(adapter, runs, d, device, fraction)
-    capture(model, calib_ids, [acc], batch_size=batch_size, progress=progress)
+    prev = {tuple(r): preceding_kept(r[0], removed) for r in runs}
+    acc = HealAccumulator(get_adapter(model), prev, fraction)
+    with masked(model, PrunePlan(layers=sorted(set(removed)))):
+        capture(model, calib_ids, [acc], batch_size=batch_size, progress=progress)
     return acc.result()
 
 
@@ -245,6 +278,7 @@ def fit_linear_heal(
     *,
     ridge: float = 1e-4,
     objective: str = "lstsq",
+    sequential: bool = True,
     batch_size: int = 8,
     progress: bool = False,
     cosine_tokens: int = 8192,
@@ -257,6 +291,10 @@ def fit_linear_heal(
     the original layer numbers; fold the maps with :func:`apply_linear_heal` before applying
     the plan. ``ridge`` is relative to the mean eigenvalue of ``MᵀM`` (0: plain least squares);
     ``objective="cosine"`` refines the least-squares map on the paper's cosine objective.
+    ``sequential`` (several runs): each run is fitted on the model whose earlier runs are
+    already healed and removed, so its target is what the healed model will really compute
+    (one pass per run; the model is restored afterwards); ``False`` fits every run on the dense
+    model in one pass, as ReplaceMe does.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -264,35 +302,71 @@ def fit_linear_heal(
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     runs = layer_runs(removed_layers)
     _check_healable(model, runs)
-    if not runs:
-        return {}
     sample = cosine_tokens if objective == "cosine" else 0
-    stats = accumulate_run_stats(
-        model, calib_ids, runs, batch_size=batch_size, progress=progress, sample_tokens=sample
-    )
-    maps = {}
-    for run, s in stats.items():
-        t = s.solve(ridge)
-        maps[run] = _cosine_refine(s, t, cosine_steps, cosine_lr) if sample else t
+
+    def solve(stats: dict[Run, RunStats]) -> dict[Run, torch.Tensor]:
+        maps = {}
+        for run, st in stats.items():
+            t = st.solve(ridge)
+            maps[run] = _cosine_refine(st, t, cosine_steps, cosine_lr) if sample else t
+        return maps
+
+    kw = {"batch_size": batch_size, "progress": progress, "sample_tokens": sample}
+    if not sequential or len(runs) < 2:
+        return solve(accumulate_run_stats(model, calib_ids, runs, **kw)) if runs else {}
+    maps: dict[Run, torch.Tensor] = {}
+    with _temporary_folds(model) as fold:
+        for run in runs:
+            done = [i for a, b in maps for i in range(a, b + 1)]
+            maps |= solve(accumulate_run_stats(model, calib_ids, [run], removed=done, **kw))
+            fold(run[0] - 1, maps[run])
     return maps
 
 
+@contextlib.contextmanager
+def _temporary_folds(model: nn.Module) -> Iterator:
+    """Yields ``fold(p, T)`` (:func:`_fold`, which first saves layer ``p``'s ``down_proj``);
+    on exit every folded weight and bias is restored exactly."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    saved: dict[int, list] = {}
+
+    def fold(p: int, t: torch.Tensor) -> None:
+        if p not in saved:
+            proj = adapter.neuron_output_projection(layers[p])
+            params = (adapter.linear_weight(proj), getattr(proj, "bias", None))
+            saved[p] = [(x, x.detach().clone()) for x in params if x is not None]
+        _fold(model, p, t)
+
+    try:
+        yield fold
+    finally:
+        with torch.no_grad():
+            for pairs in saved.values():
+                for x, original in pairs:
+                    x.copy_(original)
+
+
 @torch.no_grad()
+def _fold(model: nn.Module, p: int, t: torch.Tensor) -> None:
+    """``down_proj`` of layer ``p`` becomes ``Tᵀ W``, ``Tᵀ b`` (float64 product, dtype kept)."""
+    adapter = get_adapter(model)
+    proj = adapter.neuron_output_projection(adapter.layers(model)[p])
+    weight = adapter.linear_weight(proj)
+    t = t.to(device=weight.device, dtype=torch.float64)
+    weight.copy_((t.T @ weight.to(torch.float64)).to(weight.dtype))
+    bias = getattr(proj, "bias", None)
+    if bias is not None:
+        bias.copy_((t.T @ bias.to(torch.float64)).to(bias.dtype))
+
+
 def apply_linear_heal(model: nn.Module, maps: dict[Run, torch.Tensor]) -> nn.Module:
     """Fold each run's map into ``down_proj`` of the layer before the run, in place (weight and
     bias become ``Tᵀ W`` and ``Tᵀ b``; the model's dtype is kept). The model must still have
     its original layers: call this *before* :func:`prunekit.apply_plan` removes the runs."""
     _check_healable(model, list(maps))
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
     for (first, _last), t in maps.items():
-        proj = adapter.neuron_output_projection(layers[first - 1])
-        weight = adapter.linear_weight(proj)
-        t = t.to(device=weight.device, dtype=torch.float64)
-        weight.copy_((t.T @ weight.to(torch.float64)).to(weight.dtype))
-        bias = getattr(proj, "bias", None)
-        if bias is not None:
-            bias.copy_((t.T @ bias.to(torch.float64)).to(bias.dtype))
+        _fold(model, first - 1, t)
     return model
 
 
@@ -341,3 +415,50 @@ def select_block_by_heal_residual(
         scores[s] = st.residual(st.solve(ridge)) / max(st.yy, 1e-300)
     best = int(torch.argmin(scores))
     return list(range(best, best + n)), scores
+
+
+def select_layers_by_heal_residual(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    n: int,
+    *,
+    ridge: float = 1e-4,
+    protect_first: int = 1,
+    protect_last: int = 1,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Choose ``n`` layers (not necessarily contiguous) greedily by what the *healed* model
+    loses: each of ``n`` steps is one forward pass on the model with the layers chosen so far
+    healed and masked, scoring every remaining layer ``i`` by the relative residual of its best
+    map, ``‖(Y_i − h_p) − M_p T‖² / ‖Y_i‖²`` (``p``: the last kept layer before ``i``); the
+    lowest is removed and its map folded before the next step. The model is restored on exit.
+    Returns the sorted layers and each step's scores (``inf`` where not a candidate)."""
+    adapter = get_adapter(model)
+    n_layers = len(adapter.layers(model))
+    allowed = range(max(1, protect_first), n_layers - protect_last)
+    if n < 1 or n > len(allowed):
+        raise PruningPlanError(
+            f"cannot remove {n} of the {len(allowed)} layers that layer 0 (the first map "
+            f"needs a layer to fold into) and the protection leave in a {n_layers}-layer model",
+            entry="layers",
+        )
+    _check_healable(model, [(i, i) for i in allowed])
+    removed: list[int] = []
+    history: list[torch.Tensor] = []
+    with _temporary_folds(model) as fold:
+        for _ in range(n):
+            runs = [(i, i) for i in allowed if i not in removed]
+            stats = accumulate_run_stats(
+                model, calib_ids, runs, removed=removed, batch_size=batch_size, progress=progress
+            )
+            scores = torch.full((n_layers,), float("inf"), dtype=torch.float64)
+            maps = {}
+            for (i, _), st in stats.items():
+                maps[i] = st.solve(ridge)
+                scores[i] = st.residual(maps[i]) / max(st.yy, 1e-300)
+            best = int(torch.argmin(scores))
+            fold(preceding_kept(best, removed), maps[best])
+            removed.append(best)
+            history.append(scores)
+    return sorted(removed), history

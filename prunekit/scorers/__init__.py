@@ -1,6 +1,6 @@
 """Built-in importance scorers, registered through ``register_scorers`` like any plugin.
 
-Layers: ``block_influence``, ``angular_distance``, ``perplexity_drop``.
+Layers: ``block_influence``, ``angular_distance``, ``perplexity_drop``, ``heal_residual``.
 Heads: ``taylor``, ``magnitude``, ``output_norm``.
 Neurons: ``activation_frequency``, ``wanda``, ``neuron_magnitude``, ``neuron_taylor``.
 See :mod:`prunekit.scorers.base` for the protocol a third-party scorer implements.
@@ -13,7 +13,7 @@ from prunekit.hookspecs import hookimpl
 
 @hookimpl
 def register_scorers(register) -> None:
-    from prunekit.scorers import heads, layers, neurons
+    from prunekit.scorers import heads, heal, layers, neurons
 
-    for scorer in (*layers.SCORERS, *heads.SCORERS, *neurons.SCORERS):
+    for scorer in (*layers.SCORERS, *heal.SCORERS, *heads.SCORERS, *neurons.SCORERS):
         register(scorer)

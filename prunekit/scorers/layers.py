@@ -10,6 +10,7 @@ import torch
 
 from prunekit.core.capture import Accumulator, Context
 from prunekit.scorers.base import Scorer
+from prunekit.scorers.perplexity import PerplexityDropConfig, layer_drop_losses
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,46 +162,30 @@ class AngularDistance(Scorer):
 
 # ---- perplexity drop -------------------------------------------------------------------------
 class PerplexityDrop(Scorer):
-    """Loss increase when one layer is skipped (for comparison with BI; used by SLEB-style
-    methods): score_i = L(model without layer i) − L(model), with L the mean next-token
-    cross-entropy on the calibration samples. One extra forward pass over the calibration set
-    per layer (L + 1 passes in all). Higher = keep."""
+    """Loss increase when one layer is skipped (SLEB, Song et al. 2024, arXiv 2402.09025, uses
+    it iteratively: ``Targets.layer_steps``): score_i = L(model without layer i) − L(model),
+    with L the mean next-token cross-entropy on the first ``samples`` calibration samples.
+    Each layer's input is cached from one normal pass, so skipping layer i recomputes only the
+    layers above it (``cache=False``: one full masked pass per layer). Higher = keep."""
 
     name = "perplexity_drop"
     unit = "layers"
     kind = "custom"
     sequential_ok = False
+    config_class = PerplexityDropConfig
 
     def run(self, model, samples, ctx, config, *, batch_size, progress):
-        from prunekit.core.masking import masked
-        from prunekit.core.plan import PrunePlan
-
         if not ctx.causal:
             raise ValueError(
                 "perplexity_drop needs a language-modelling loss; use block_influence for "
                 "encoder models"
             )
-        base = _mean_loss(model, samples, batch_size)
-        out = torch.zeros(ctx.n_layers)
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(ctx.n_layers), disable=not progress, desc="perplexity_drop"):
-            with masked(model, PrunePlan(layers=[i])):
-                out[i] = _mean_loss(model, samples, batch_size) - base
-        return out
-
-
-@torch.no_grad()
-def _mean_loss(model, samples, batch_size) -> float:
-    device = next(p.device for p in model.parameters())
-    total, tokens = 0.0, 0
-    for s in range(0, len(samples), batch_size):
-        ids = samples[s : s + batch_size].to(device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total += float(loss) * n
-        tokens += n
-    return total / tokens
+        if config.samples:
+            samples = samples[: config.samples]
+        base, losses = layer_drop_losses(
+            model, samples, ctx.adapter, batch_size=batch_size, cache=config.cache
+        )
+        return (losses - base).float()
 
 
 SCORERS = (BlockInfluence(), AngularDistance(), PerplexityDrop())
