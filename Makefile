@@ -8,7 +8,8 @@ export TRITON_INTERPRET ?= 1
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup-venv.sh scripts/constraints.txt
+$(VENV)/.installed: pyproject.toml scripts/setup-venv.sh scripts/constraints.txt \
+		$(wildcard tests/plugins/*/pyproject.toml)
 	bash scripts/setup-venv.sh
 	touch $@
 

