@@ -75,6 +75,14 @@ class ModelLoadError(PrunekitError, OSError):
     """A model directory is missing files or cannot be read."""
 
 
+class DeviceError(PrunekitError, ValueError):
+    """An unknown or unavailable ``device`` / ``dtype`` / ``device_map`` was asked for."""
+
+    def __init__(self, option: str, value: object, why: str):
+        self.option, self.value, self.why = option, value, why
+        super().__init__(f"{option} {value!r}: {why}")
+
+
 class PluginUnavailableError(PrunekitError, RuntimeError):
     """A plugin's backend is not usable here (package missing, no CUDA, ...)."""
 

@@ -12,11 +12,9 @@ from conftest import DECODERS, tiny_model
 from safetensors import safe_open
 
 from prunekit import PrunePlan, apply_plan, load_model, save_pretrained
+from prunekit.core.checkpoint import checkpoint_tensors, main_dtype, max_shard_bytes
 from prunekit.core.streaming import (
     INDEX_FILE,
-    checkpoint_tensors,
-    main_dtype,
-    max_shard_bytes,
     plan_shards,
     stream_apply,
 )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.core.devices import check_device_map, resolve_device, resolve_dtype
 from prunekit.core.plan import PrunePlan
 from prunekit.core.serving import loadable_by, write_remote_code
 from prunekit.core.shapes import LayerShape
@@ -244,77 +245,131 @@ def read_config(path: str | Path) -> Any:
     return config
 
 
-def load_pretrained(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    allow_pickle: bool = False,
-    attn_implementation: str | None = None,
-) -> tuple[nn.Module, Any]:
-    """Load a model saved by :func:`save_pretrained` (or any HF directory) → ``(model,
-    tokenizer)``. Per-layer results are rebuilt layer by layer to their saved shapes before
-    the weights are loaded (no random init, no ``ignore_mismatched_sizes``)."""
+def meta_skeleton(
+    path: str | Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> nn.Module:
+    """The model of the directory ``path`` built on the meta device from its config (no
+    weights, no memory); a per-layer config is built from its global values and each layer cut
+    to its saved shape (no random init, no ``ignore_mismatched_sizes``)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     path = Path(path)
     _check_model_dir(path)
-    files = _weight_files(path, allow_pickle)
     raw = json.loads((path / "config.json").read_text())
-    overrides = raw.pop("per_layer_config", None)
-    if not overrides:
+    overrides = {int(k): v for k, v in (raw.pop("per_layer_config", None) or {}).items()}
+    if overrides:
+        # transformers' config validators read global head counts, which a per-layer config
+        # forbids: build from the global values, then attach the per-layer overrides.
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    else:
         config = AutoConfig.from_pretrained(path)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    adapter = get_adapter(config)
+    shapes = None
+    if overrides:
+        config.per_layer_config = overrides
+        shapes = adapter.layer_shapes_from_config(config)
+        config.per_layer_config = None  # build the homogeneous skeleton from the global values
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config, adapter)._from_config(config, dtype=dtype)
+    if shapes is not None:
+        for layer, shape in zip(adapter.layers(model), shapes, strict=True):
+            adapter.reshape_layer(layer, shape)
+        model.config.per_layer_config = overrides
+    return model.eval()
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = "auto",
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
+    allow_pickle: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a model saved by :func:`save_pretrained` (or any HF directory) → ``(model,
+    tokenizer)`` in ``dtype`` (``"auto"``: the checkpoint's own) on ``device``, or spread by
+    ``device_map`` (``"auto"``, with ``max_memory``; CPU and disk offload through accelerate).
+    Per-layer results are built on the meta device to their saved shapes, then their tensors
+    are streamed in one at a time (never the whole checkpoint in one dict)."""
+    path = Path(path)
+    _check_model_dir(path)
+    files = _weight_files(path, allow_pickle)
+    dtype = resolve_dtype(dtype, path)
+    device = resolve_device(device) if device is not None else None
+    check_device_map(device_map, max_memory)
+    if not json.loads((path / "config.json").read_text()).get("per_layer_config"):
+        config = read_config(path)
         adapter = get_adapter(config)
+        placement = {"": device} if device is not None and device_map is None else device_map
         model = _model_class(config, adapter).from_pretrained(
             path,
             dtype=dtype,
             use_safetensors=files[0].suffix == ".safetensors",
             attn_implementation=attn_implementation,
+            device_map=placement,
+            max_memory=max_memory,
+            offload_folder=_offload_folder() if device_map is not None else None,
         )
     else:
-        # transformers' config validators read global head counts, which a per-layer config
-        # forbids: build from the global values, then attach the per-layer overrides.
-        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        adapter = get_adapter(config)
-        model = _load_per_layer(
-            _model_class(config, adapter), config, adapter, overrides, files, dtype
-        )
+        model = meta_skeleton(path, dtype, attn_implementation)
+        _stream_weights(model, files, dtype, device if device_map is None else None)
+        if device_map is not None:
+            model = _dispatch(model, device_map, max_memory)
     model.eval()
     return model, _load_tokenizer(path, model.config)
 
 
-def _load_per_layer(cls, config, adapter, overrides, files, dtype) -> nn.Module:
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
+def _offload_folder() -> str:
+    return tempfile.mkdtemp(prefix="prunekit-offload-")
 
-    overrides = {int(k): v for k, v in overrides.items()}
-    config.per_layer_config = overrides
-    shapes = adapter.layer_shapes_from_config(config)
-    config.per_layer_config = None  # build the homogeneous skeleton from the global values
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, dtype=dtype) if dtype else cls._from_config(config)
-    for layer, shape in zip(adapter.layers(model), shapes, strict=True):
-        adapter.reshape_layer(layer, shape)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix != ".safetensors":
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        else:
-            state.update(load_file(f))
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ModelLoadError(
-            f"checkpoint has tensors the model lacks: {result.unexpected_keys[:5]}"
+
+def _dispatch(model: nn.Module, device_map: Any, max_memory: dict[Any, Any] | None) -> nn.Module:
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=no_split
         )
+    return dispatch_model(model, device_map=device_map, offload_dir=_offload_folder())
+
+
+def _file_tensors(path: Path, device: torch.device | None) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix != ".safetensors":
+        yield from torch.load(path, map_location=device or "cpu", weights_only=True).items()
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, "pt", device=str(device or "cpu")) as handle:
+        for key in handle.keys():
+            yield key, handle.get_tensor(key)
+
+
+def _stream_weights(model: nn.Module, files: list[Path], dtype, device) -> None:
+    """Put the checkpoint's tensors into the meta ``model`` one at a time (cast to ``dtype``)."""
+    expected = set(model.state_dict())
+    for f in files:
+        for key, tensor in _file_tensors(f, device):
+            if key not in expected:
+                raise ModelLoadError(f"checkpoint has a tensor the model lacks: {key}")
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            owner, _, attr = key.rpartition(".")
+            module = model.get_submodule(owner)
+            if attr in module._parameters:
+                grad = tensor.is_floating_point()
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=grad)
+            else:
+                module._buffers[attr] = tensor
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise ModelLoadError(f"checkpoint lacks tensors for {still_meta[:5]}")
-    config.per_layer_config = overrides
-    return model
 
 
 def clear_quantization_marks(model: nn.Module) -> nn.Module:
@@ -333,44 +388,70 @@ def load_model(
     path_or_id: str | Path,
     *,
     gguf_file: str | None = None,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
     allow_pickle: bool = False,
     attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a model from a local directory, a GGUF file, or a hub id → ``(model, tokenizer)``.
 
+    ``dtype``: ``"auto"`` (default) keeps the checkpoint's own dtype (bf16 stays bf16); a
+    dequantised GGUF model is float32 unless asked. ``device``: ``"auto"`` (CUDA when available),
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``None`` leaves it on the CPU. ``device_map="auto"`` with
+    ``max_memory`` spreads a model larger than one device (CPU/disk offload, accelerate).
     ``gguf_file`` is a file name inside ``path_or_id`` (or a path to the ``.gguf`` file itself);
-    the dequantised model is returned in ``dtype`` with transformers' quantization marks cleared.
-    Pickled ``.bin`` checkpoints are refused unless ``allow_pickle=True``.
+    transformers' quantization marks are cleared. Pickled ``.bin`` checkpoints are refused
+    unless ``allow_pickle=True``. Bad ``device`` / ``dtype`` values fail before any loading.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path_or_id)
     if gguf_file is None and path.suffix == ".gguf":
         path, gguf_file = path.parent, path.name
+    placed = resolve_device(device) if device is not None else None
+    check_device_map(device_map, max_memory)
     if gguf_file is not None:
         gguf = Path(gguf_file) if Path(gguf_file).is_absolute() else path / gguf_file
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file {gguf} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=resolve_dtype(dtype, gguf=True)
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         get_adapter(model)  # fail early on an unsupported architecture
-        return clear_quantization_marks(model).eval(), tokenizer
+        model = clear_quantization_marks(model)
+        if device_map is not None:
+            model = _dispatch(model, device_map, max_memory)
+        elif placed is not None:
+            model = model.to(placed)
+        return model.eval(), tokenizer
+    kwargs = dict(device_map=device_map, max_memory=max_memory, allow_pickle=allow_pickle)
     if path.exists():
         return load_pretrained(
-            path, dtype=dtype, allow_pickle=allow_pickle, attn_implementation=attn_implementation
+            path, dtype=dtype, device=placed, attn_implementation=attn_implementation, **kwargs
         )
-    from transformers import AutoConfig
+    return _load_hub(str(path_or_id), dtype, placed, **kwargs)
+
+
+def _load_hub(model_id: str, dtype, device, *, device_map, max_memory, allow_pickle):
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(str(path_or_id))
+        config = AutoConfig.from_pretrained(model_id)
     except OSError as e:
         raise ModelLoadError(
-            f"{path_or_id!r} is neither a local directory nor a reachable hub model ({e}). "
+            f"{model_id!r} is neither a local directory nor a reachable hub model ({e}). "
             "Pass a local model directory, or a GGUF file with gguf_file="
         ) from None
     adapter = get_adapter(config)
-    cls = _model_class(config, adapter)
-    model = cls.from_pretrained(str(path_or_id), dtype=dtype, use_safetensors=not allow_pickle)
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    model = _model_class(config, adapter).from_pretrained(
+        model_id,
+        dtype="auto" if dtype in (None, "auto") else resolve_dtype(dtype),
+        use_safetensors=not allow_pickle,
+        device_map=device_map or ({"": device} if device is not None else None),
+        max_memory=max_memory,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
     return model.eval(), tokenizer

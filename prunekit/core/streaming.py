@@ -18,23 +18,20 @@ import contextlib
 import copy
 import json
 import shutil
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.core.checkpoint import TensorInfo, checkpoint_tensors, main_dtype, max_shard_bytes
 from prunekit.core.io import (
     AtomicDir,
-    _model_class,
     _strip_config_key,
     build_sidecar,
     global_access,
-    read_config,
+    meta_skeleton,
     write_sidecar,
 )
 from prunekit.core.plan import PrunePlan
@@ -57,102 +54,11 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-#: safetensors dtype name -> torch dtype
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, torch_name)
-    for name, torch_name in (
-        pair.split(":")
-        for pair in (
-            "F64:float64 F32:float32 BF16:bfloat16 F16:float16 F8_E4M3:float8_e4m3fn "
-            "F8_E5M2:float8_e5m2 I64:int64 I32:int32 I16:int16 I8:int8 U8:uint8 BOOL:bool"
-        ).split()
-    )
-}
 _HEAD_ROLES = {"q": "out", "kv": "out", "o": "in"}
 _NEURON_ROLES = {"mlp_in": "out", "mlp_out": "in"}
 
 
-# ---- reading checkpoints without loading them ---------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a checkpoint tensor lives and what it is, read from a safetensors header."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def itemsize(self) -> int:
-        if self.dtype not in DTYPES:
-            raise ModelLoadError(f"{self.file.name}: unsupported safetensors dtype {self.dtype}")
-        return DTYPES[self.dtype].itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return prod(self.shape) * self.itemsize
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read
-    without mapping the file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
-
-
-def checkpoint_tensors(directory: str | Path) -> dict[str, TensorInfo]:
-    """Every tensor of the ``*.safetensors`` files of ``directory``, file by file."""
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{directory} has no *.safetensors weight files")
-    out: dict[str, TensorInfo] = {}
-    for f in files:
-        for key, entry in read_header(f).items():
-            if key != "__metadata__":
-                out[key] = TensorInfo(f, entry["dtype"], tuple(entry["shape"]))
-    return out
-
-
-def main_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's bytes (what ``dtype="auto"`` loads)."""
-    sizes: dict[str, int] = {}
-    for t in tensors.values():
-        if t.dtype.startswith(("F", "BF")):
-            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.nbytes
-    return DTYPES[max(sizes, key=sizes.__getitem__)] if sizes else torch.float32
-
-
-def max_shard_bytes(tensors: dict[str, TensorInfo]) -> int | None:
-    """The input's shard size limit as far as it shows (its largest shard); ``None`` when the
-    checkpoint is one file."""
-    per_file: dict[Path, int] = {}
-    for t in tensors.values():
-        per_file[t.file] = per_file.get(t.file, 0) + t.nbytes
-    return max(per_file.values()) if len(per_file) > 1 else None
-
-
 # ---- the meta skeleton ---------------------------------------------------------------------
-def meta_skeleton(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of ``directory`` built on the meta device (no weights, no memory), per-layer
-    configs reshaped layer by layer like :func:`prunekit.load_pretrained` does."""
-    from accelerate import init_empty_weights
-
-    config = read_config(directory)
-    adapter = get_adapter(config)
-    shapes = adapter.layer_shapes_from_config(config)
-    raw = json.loads((Path(directory) / "config.json").read_text())
-    overrides = {int(k): v for k, v in (raw.get("per_layer_config") or {}).items()}
-    if shapes is not None:
-        config.per_layer_config = None  # build the homogeneous skeleton from the global values
-    with init_empty_weights(include_buffers=False):
-        model = _model_class(config, adapter)._from_config(config, dtype=dtype)
-    if shapes is not None:
-        for layer, shape in zip(adapter.layers(model), shapes, strict=True):
-            adapter.reshape_layer(layer, shape)
-        model.config.per_layer_config = overrides
-    return model.eval()
-
-
 def _state_names(model: nn.Module) -> dict[tuple[int, str], str]:
     """(module id, attribute) -> state-dict key, for every parameter and persistent buffer."""
     out = {}
@@ -352,14 +258,4 @@ def stream_apply(
     return Path(out_dir)
 
 
-__all__ = [
-    "INDEX_FILE",
-    "TensorInfo",
-    "checkpoint_tensors",
-    "main_dtype",
-    "max_shard_bytes",
-    "meta_skeleton",
-    "plan_shards",
-    "read_header",
-    "stream_apply",
-]
+__all__ = ["INDEX_FILE", "TOKENIZER_FILES", "plan_shards", "stream_apply"]
