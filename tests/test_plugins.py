@@ -3,14 +3,20 @@ and meta-tests that every hookspec is documented and exercised."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import subprocess
 import sys
+import textwrap
+import types
 
 import pytest
+import torch
+from conftest import VOCAB, tiny_model
 
 import prunekit
 from prunekit import hookspecs
+from prunekit.contracts import Plugin, build_config
 from prunekit.errors import RegistryError, UnsupportedArchitectureError
 from prunekit.plugins import DEFAULT_PLUGINS, HOOKS, Plugins, Registry
 
@@ -128,8 +134,101 @@ def test_cli_plugins_lists_every_plugin():
 def test_every_hookspec_is_documented_with_an_example(hook_name):
     spec = getattr(hookspecs, hook_name)
     assert list(inspect.signature(spec).parameters) == ["register"]
+    assert spec.__annotations__ == {"register": "Callable[[Any], None]", "return": "None"}
     doc = inspect.getdoc(spec)
     assert doc and "Example::" in doc and f"def {hook_name}(register)" in doc
+
+
+def hookspec_example(hook_name: str, monkeypatch) -> types.ModuleType:
+    """The example of a hookspec's docstring (everything after ``Example::``), run as a
+    module of its own."""
+    doc = inspect.getdoc(getattr(hookspecs, hook_name))
+    code = textwrap.dedent(doc.split("Example::", 1)[1])
+    module = types.ModuleType(f"prunekit_example_{hook_name}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look it up
+    exec(compile(code, f"<{hook_name} example>", "exec"), module.__dict__)
+    return module
+
+
+def _check_adapter_example(plugins, adapter):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(model_type="my_decoder")
+    config.model_type = "my_decoder"
+    assert plugins.adapter_for(config) is adapter
+    model = tiny_model("llama")
+    assert len(adapter.layers(model)) == model.config.num_hidden_layers
+
+
+def _check_scorer_example(plugins, scorer):
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    cfg = {scorer.name: {"offset": "1.5"}}
+    scores = prunekit.score(tiny_model("llama"), ids, [scorer], configs=cfg, progress=False)
+    torch.testing.assert_close(scores[scorer.name], torch.full((5,), 96 + 1.5))
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        build_config(scorer, {"offset": "-1"})
+
+
+def _check_quantizer_example(plugins, quantizer):
+    from prunekit.core.quantize import is_quantized, quantize
+
+    ok, why = quantizer.available()
+    if not ok:
+        assert why.startswith("pip install torchao")
+        pytest.skip(f"torchao is not installed ({why})")
+    model = tiny_model("llama")
+    out = quantize(model, None, quantizer, {"dynamic": "false"})
+    assert is_quantized(out) and not is_quantized(model)
+    assert out._prunekit_quantization["config"] == {"dynamic": False}
+
+
+def _check_recovery_example(plugins, method):
+    from prunekit.core.recovery import recovery_config
+
+    model = tiny_model("llama")
+    model.model.embed_tokens.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    options = {"steps": "1", "n_layers": "1", "seq_len": "8", "batch_size": "2"}
+    config = recovery_config(method, {**options, "eval_every": "1", "eval_samples": "1"})
+    ids = torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
+    result = prunekit.recover(model, ids, config, method=method, progress=False)
+    last = model.model.layers[-1]
+    assert result.trainable_params == sum(p.numel() for p in last.parameters())
+    assert result.config["n_layers"] == 1
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # restored
+    with pytest.raises(ValueError, match="n_layers must be >= 1"):
+        recovery_config(method, {"n_layers": "0"})
+
+
+_EXAMPLE_CHECKS = {
+    "register_adapters": ("adapters", _check_adapter_example),
+    "register_scorers": ("scorers", _check_scorer_example),
+    "register_quantizers": ("quantizers", _check_quantizer_example),
+    "register_recoveries": ("recoveries", _check_recovery_example),
+}
+
+
+def test_every_hookspec_has_an_example_check():
+    assert set(_EXAMPLE_CHECKS) == set(HOOKS)
+
+
+@pytest.mark.parametrize("hook_name", HOOKS)
+def test_hookspec_example_runs(hook_name, monkeypatch):
+    """Each docstring example is a working plugin: it registers through a fresh plugin
+    manager, follows the one contract (name, config_class with documented options,
+    available()), and does its job."""
+    module = hookspec_example(hook_name, monkeypatch)
+    plugins = Plugins(load_entrypoints=False, extra=(module,))
+    (name,) = plugins.provided[module.__name__][hook_name]
+    registry, check = _EXAMPLE_CHECKS[hook_name]
+    plugin = getattr(plugins, registry).get(name)
+    assert isinstance(plugin, Plugin) and dataclasses.is_dataclass(plugin.config_class)
+    ok, why = plugin.available()
+    assert isinstance(ok, bool) and isinstance(why, str)
+    own = [f for f in dataclasses.fields(plugin.config_class) if f.init]
+    assert all(f.metadata.get("help") for f in own), "every option needs help text"
+    build_config(plugin, {})  # the defaults are valid
+    check(plugins, plugin)
 
 
 def test_hooks_list_matches_hookspecs_module():
