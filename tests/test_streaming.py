@@ -173,3 +173,36 @@ def test_plan_shards_and_main_dtype(tmp_path):
     assert plan_shards({"a": 5, "b": 5}, None) == [["a", "b"]]
     src = _checkpoint(tmp_path, dtype=torch.bfloat16)
     assert main_dtype(checkpoint_tensors(src)) == torch.bfloat16
+
+
+def test_streaming_cast_equals_in_memory_cast(tmp_path):
+    src = _checkpoint(tmp_path)
+    streamed = stream_apply(src, PER_LAYER, tmp_path / "streamed", dtype=torch.bfloat16)
+    _assert_same(streamed, _in_memory(src, PER_LAYER, tmp_path / "memory", torch.bfloat16))
+
+
+def test_cli_apply_streams_a_directory_and_info_reads_headers(tmp_path, capsys, monkeypatch):
+    from prunekit.cli import main
+    from prunekit.core import io
+
+    src = _checkpoint(tmp_path, dtype=torch.bfloat16)
+    plan = tmp_path / "plan.json"
+    UNIFORM.to_json(plan)
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(io, "load_pretrained", no_load)
+    assert main(["info", str(src)]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    assert main(["apply", str(src), "--plan", str(plan), "-o", str(tmp_path / "out")]) == 0
+    assert "(streamed)" in capsys.readouterr().out
+    monkeypatch.undo()
+    args = ["apply", str(src), "--plan", str(plan), "-o", str(tmp_path / "mem"), "--in-memory"]
+    assert main(args) == 0
+    assert "(in memory)" in capsys.readouterr().out
+    _assert_same(tmp_path / "out", tmp_path / "mem")
+    bad = ["apply", str(src), "--plan", str(plan), "-o", str(tmp_path / "x"), "--dtype", "int3"]
+    assert main(bad) == 2
+    assert "dtype" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -187,7 +187,12 @@ def _open_reader(tensors: dict[str, TensorInfo]) -> Iterator[_Reader]:
         reader.close()
 
 
-def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensors) -> dict:
+def _itemsize(info: TensorInfo, cast: torch.dtype | None) -> int:
+    floating = info.dtype.startswith(("F", "BF"))
+    return cast.itemsize if cast is not None and floating else info.itemsize
+
+
+def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensors, cast) -> dict:
     from safetensors.torch import save_file
 
     names = _shard_names(len(shards))
@@ -197,6 +202,8 @@ def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensor
         with _open_reader(tensors) as reader:
             # contiguous: index_select on the input axis leaves a transposed-stride copy
             state = {k: slicer.tensor(new_to_old[k], reader).contiguous() for k in keys}
+        if cast is not None:
+            state = {k: t.to(cast) if t.is_floating_point() else t for k, t in state.items()}
         save_file(state, out / name, metadata={"format": "pt"})
         for k, t in state.items():
             weight_map[k] = name
@@ -216,18 +223,26 @@ def stream_apply(
     *,
     overwrite: bool = False,
     max_shard_size: int | None = None,
+    dtype: torch.dtype | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Apply ``plan`` to the checkpoint in ``model_dir`` and write the pruned model to
     ``out_dir`` tensor by tensor, never building the model. Output shards are at most
     ``max_shard_size`` bytes (default: the input's largest shard; one file when the input is
-    one file). The config, sidecar (``extra`` added) and tokenizer files are written as the
-    in-memory ``apply_plan`` + ``save_pretrained`` writes them; the input is never modified."""
+    one file). Tensors keep their dtype unless ``dtype`` casts the floating ones. The config,
+    sidecar (``extra`` added) and tokenizer files are written as the in-memory ``apply_plan`` +
+    ``save_pretrained`` writes them; the input is never modified (an output inside, above or
+    at the input is refused)."""
     source = Path(model_dir)
-    if Path(out_dir).resolve() == source.resolve():
-        raise ValueError("the output directory is the input checkpoint; write elsewhere")
+    src, out = source.resolve(), Path(out_dir).resolve()
+    if out == src or out in src.parents or src in out.parents:
+        raise ValueError(
+            f"the output directory {out_dir} would overwrite the input checkpoint {model_dir}; "
+            "write somewhere outside the input"
+        )
     tensors = checkpoint_tensors(source)
-    dtype = main_dtype(tensors)
+    cast = dtype
+    dtype = dtype or main_dtype(tensors)
     skeleton = meta_skeleton(source, dtype)
     slicer = _Slicer(copy.deepcopy(skeleton), plan)  # validates the plan before any write
     before = _state_names(skeleton)
@@ -241,11 +256,11 @@ def stream_apply(
     new_state = skeleton.state_dict()
     new_to_old = {new: old for old, new in renamed.items() if old in tensors}
     order = [k for k in new_state if k in new_to_old]
-    sizes = {k: new_state[k].numel() * tensors[new_to_old[k]].itemsize for k in order}
+    sizes = {k: new_state[k].numel() * _itemsize(tensors[new_to_old[k]], cast) for k in order}
     limit = max_shard_size if max_shard_size is not None else max_shard_bytes(tensors)
     shards = plan_shards(sizes, limit)
     with AtomicDir(out_dir, overwrite) as tmp:
-        index = _write_shards(tmp, shards, new_to_old, slicer, tensors)
+        index = _write_shards(tmp, shards, new_to_old, slicer, tensors, cast)
         if len(shards) > 1:
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"
             (tmp / INDEX_FILE).write_text(text, encoding="utf-8")
