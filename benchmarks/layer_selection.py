@@ -25,7 +25,8 @@ from prunekit import PrunePlan, apply_plan, load_model
 from prunekit.core.calibration import load_calibration
 from prunekit.core.data import wikitext2_test_path
 from prunekit.core.evaluate import perplexity
-from prunekit.core.heal import heal_and_remove, select_block_by_heal_residual
+from prunekit.core.heal import heal_and_remove
+from prunekit.core.heal_select import select_block_by_heal_residual, select_layers_by_heal_residual
 from prunekit.core.models import default_model_dir
 from prunekit.core.select import Targets, plan_for
 

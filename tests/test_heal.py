@@ -14,6 +14,8 @@ from prunekit.core.heal import (
     fit_linear_heal,
     heal_and_remove,
     layer_runs,
+)
+from prunekit.core.heal_select import (
     select_block_by_heal_residual,
     select_layers_by_heal_residual,
 )
@@ -238,3 +240,75 @@ def test_heal_residual_scorer_selects_the_linear_block(calib):
         prunekit.score(tiny_model("bert"), calib, ["heal_residual"], progress=False)
     with pytest.raises(ValueError, match="max_block"):
         prunekit.score(model, calib, ["heal_residual"], configs={"heal_residual": {"max_block": 0}})
+
+
+STOCK_RELOAD = """
+import sys, torch, transformers
+from safetensors.torch import load_file
+path = {path!r}
+probe = load_file(path + "/probe/probe.safetensors")
+model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+with torch.no_grad():
+    out = model(input_ids=probe["input_ids"]).logits
+torch.testing.assert_close(out, probe["output"], atol=1e-5, rtol=0)
+assert "prunekit" not in sys.modules
+print("OK", model.config.num_hidden_layers)
+"""
+
+
+def test_compress_cli_heal_linear_reloads_in_stock_transformers(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import brown_text, run_python, save_tiny, wiki_text
+    from safetensors.torch import load_file
+
+    (tmp_path / "calib.txt").write_text(brown_text()[:40_000], encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(wiki_text()[:4_000], encoding="utf-8")
+    src = save_tiny("llama", tmp_path / "dense")
+    common = ["--layers", "1", "--calib", tmp_path / "calib.txt", "--calib-samples", "8"]
+    common += ["--seq-len", "32", "--eval-text", tmp_path / "eval.txt", "--no-latency"]
+
+    def compress(out: str, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "prunekit", "compress", src, "-o", tmp_path / out]
+        res = subprocess.run([*map(str, args + common), *extra], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    res = compress("healed", "--heal", "linear", "--heal-opt", "ridge=1e-3")
+    compress("plain")
+    assert "healing layers" in res.stdout + res.stderr
+    healed = tmp_path / "healed"
+    sidecar = json.loads((healed / "prunekit.json").read_text())
+    assert sidecar["recipe"]["heal"]["method"] == "linear"
+    assert float(sidecar["recipe"]["heal"]["options"]["ridge"]) == 1e-3
+    weights = load_file(healed / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    differ = [k for k in weights if not torch.equal(weights[k], plain[k])]
+    assert differ and all(k.endswith("mlp.down_proj.weight") for k in differ)
+    reload = run_python(STOCK_RELOAD.format(path=str(healed)))
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    assert reload.stdout.strip().endswith("OK 4")
+
+
+def test_recipe_heal_section():
+    from prunekit.core.heal import HealConfig, get_healer
+    from prunekit.core.recipe import Recipe
+
+    recipe = Recipe.from_dict(
+        {"targets": {"layers": 1}, "heal": {"method": "linear", "options": {"ridge": 0.01}}}
+    )
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    config = recipe.heal.config(get_healer("linear"))
+    assert config == HealConfig(ridge=0.01)
+    with pytest.raises(ValueError, match="heal.options"):
+        Recipe.from_dict({"heal": {"method": "linear", "options": {"lamda": 1}}}).heal.config(
+            get_healer("linear")
+        )
+    with pytest.raises(ValueError, match="iterative: 1"):
+        Recipe.from_dict({"iterative": 2, "heal": {"method": "linear"}})
+    with pytest.raises(ValueError, match="heal.method"):
+        get_healer("quadratic")
+    with pytest.raises(ValueError, match="objective"):
+        HealConfig(objective="l1")

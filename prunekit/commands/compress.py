@@ -23,6 +23,7 @@ _FLAG_FIELDS = {
     ],
     "calibration": [("calib", "source"), ("calib_samples", "n_samples"), ("seq_len", "seq_len")],
     "recovery": [("recover", "method"), ("recover_steps", "steps"), ("recover_minutes", "minutes")],
+    "heal": [("heal", "method")],
     "quantize": [
         ("quantize", "method"),
         ("quant_bits", "bits"),
@@ -37,6 +38,7 @@ _FLAG_FIELDS = {
 _OPTION_FLAGS = {
     "recovery": ("recover_opt", "--recover-opt"),
     "quantize": ("quant_opt", "--quant-opt"),
+    "heal": ("heal_opt", "--heal-opt"),
 }
 
 
@@ -60,7 +62,9 @@ def _recipe_from_args(args: argparse.Namespace):
     for section, (dest, flag) in _OPTION_FLAGS.items():
         given = parse_options(getattr(args, dest), flag)
         if given and data[section].get("method") is None:
-            raise ValueError(f"{flag}: no {section} method; name one (--recover / --quantize)")
+            raise ValueError(
+                f"{flag}: no {section} method; name one (--recover / --quantize / --heal)"
+            )
         data[section].setdefault("options", {}).update(given)
     ev = data.setdefault("evaluation", {})
     if args.eval_text is not None:
@@ -174,6 +178,13 @@ def add_parser(sub) -> None:
     g.add_argument("--calib", help="text file/folder, 'self', or datasets name (default: Brown)")
     g.add_argument("--calib-samples", type=int, help="calibration sequences")
     g.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    g.add_argument(
+        "--heal",
+        choices=("linear",),
+        help="training-free healing of removed layers: fold a least-squares map of each "
+        "removed run into the layer before it (ReplaceMe); stock config",
+    )
+    _option_flag(g, "--heal-opt", "a healing option (repeatable): ridge, objective, sequential")
     g = p.add_argument_group("recovery and quantization")
     g.add_argument("--recover", help="recovery method: lora, full, distill, qlora")
     g.add_argument("--recover-steps", type=int, help="recovery step budget")

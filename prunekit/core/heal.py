@@ -44,11 +44,7 @@ ReplaceMe does. A run that starts at layer 0 has no preceding layer to fold into
 refused. Post-norm models (BERT: ``L = LayerNorm(h + M)``) are refused too: the normalisation
 after the sum is not linear, so no map folded into the output dense reproduces the block.
 
-Block selection by healed loss (:func:`select_block_by_heal_residual`): for every candidate
-block of ``n`` layers the same statistics give, in closed form, the squared residual of the
-best map, ``‖Y − h_p‖² − 2 tr(TᵀC) + tr(TᵀGT)``; one forward pass accumulates them for every
-start at once, and the block whose relative residual ``residual / ‖Y‖²`` is smallest is the
-one the healed model loses least on.
+Selectors that use these statistics: :mod:`prunekit.core.heal_select`.
 """
 
 from __future__ import annotations
@@ -57,6 +53,7 @@ import contextlib
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +81,7 @@ def layer_runs(removed: Iterable[int]) -> list[Run]:
     return [(a, b) for a, b in runs]
 
 
-def _check_healable(model: nn.Module, runs: Sequence[Run]) -> None:
+def check_healable(model: nn.Module, runs: Sequence[Run]) -> None:
     """Refuse what cannot be folded, before anything is computed or modified."""
     adapter = get_adapter(model)
     if not getattr(adapter, "pre_norm", adapter.causal):
@@ -301,7 +298,7 @@ def fit_linear_heal(
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     runs = layer_runs(removed_layers)
-    _check_healable(model, runs)
+    check_healable(model, runs)
     sample = cosine_tokens if objective == "cosine" else 0
 
     def solve(stats: dict[Run, RunStats]) -> dict[Run, torch.Tensor]:
@@ -315,7 +312,7 @@ def fit_linear_heal(
     if not sequential or len(runs) < 2:
         return solve(accumulate_run_stats(model, calib_ids, runs, **kw)) if runs else {}
     maps: dict[Run, torch.Tensor] = {}
-    with _temporary_folds(model) as fold:
+    with temporary_folds(model) as fold:
         for run in runs:
             done = [i for a, b in maps for i in range(a, b + 1)]
             maps |= solve(accumulate_run_stats(model, calib_ids, [run], removed=done, **kw))
@@ -324,7 +321,7 @@ def fit_linear_heal(
 
 
 @contextlib.contextmanager
-def _temporary_folds(model: nn.Module) -> Iterator:
+def temporary_folds(model: nn.Module) -> Iterator:
     """Yields ``fold(p, T)`` (:func:`_fold`, which first saves layer ``p``'s ``down_proj``);
     on exit every folded weight and bias is restored exactly."""
     adapter = get_adapter(model)
@@ -364,10 +361,74 @@ def apply_linear_heal(model: nn.Module, maps: dict[Run, torch.Tensor]) -> nn.Mod
     """Fold each run's map into ``down_proj`` of the layer before the run, in place (weight and
     bias become ``Tᵀ W`` and ``Tᵀ b``; the model's dtype is kept). The model must still have
     its original layers: call this *before* :func:`prunekit.apply_plan` removes the runs."""
-    _check_healable(model, list(maps))
+    check_healable(model, list(maps))
     for (first, _last), t in maps.items():
         _fold(model, first - 1, t)
     return model
+
+
+METHODS = ("linear",)
+
+
+@dataclass
+class HealConfig:
+    """Options of linear healing (the recipe's ``heal.options``, ``--heal-opt key=value``)."""
+
+    ridge: float = field(
+        default=1e-4,
+        metadata={"help": "ridge, relative to the mean eigenvalue of MᵀM (0: plain lstsq)"},
+    )
+    objective: str = field(
+        default="lstsq", metadata={"help": "'lstsq' or 'cosine' (the paper's cosine variant)"}
+    )
+    sequential: bool = field(
+        default=True,
+        metadata={"help": "fit each run on the model with the earlier runs already healed"},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
+            raise ValueError(f"ridge must be a number >= 0, got {self.ridge!r}")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ridge": self.ridge, "objective": self.objective, "sequential": self.sequential}
+
+
+class LinearHeal:
+    """Linear healing as the pipeline sees it: ``name``, ``config_class``, ``available()``
+    (the plugin contract, so its options go through :func:`prunekit.contracts.build_config`)
+    and :meth:`heal`, which fits and folds the maps for the layers a plan removes."""
+
+    name = "linear"
+    config_class = HealConfig
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def heal(
+        self, model: nn.Module, calib_ids: torch.Tensor, layers: Iterable[int], config: HealConfig
+    ) -> dict[Run, torch.Tensor]:
+        maps = fit_linear_heal(
+            model,
+            calib_ids,
+            layers,
+            ridge=config.ridge,
+            objective=config.objective,
+            sequential=config.sequential,
+        )
+        apply_linear_heal(model, maps)
+        return maps
+
+
+def get_healer(method: str) -> LinearHeal:
+    """The healing method object for a recipe's ``heal.method``."""
+    if method not in METHODS:
+        raise ValueError(f"heal.method: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return LinearHeal()
 
 
 def heal_and_remove(
@@ -377,88 +438,3 @@ def heal_and_remove(
     removed = sorted(set(removed_layers))
     apply_linear_heal(model, fit_linear_heal(model, calib_ids, removed, **fit_kwargs))
     return apply_plan(model, PrunePlan(layers=removed))
-
-
-def select_block_by_heal_residual(
-    model: nn.Module,
-    calib_ids: torch.Tensor,
-    n: int,
-    *,
-    ridge: float = 1e-4,
-    protect_last: bool = True,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> tuple[list[int], torch.Tensor]:
-    """Choose the contiguous block of ``n`` layers whose removal linear healing repairs best.
-
-    For every start ``s`` (``1 <= s``; the block ends before the last layer when
-    ``protect_last``) one forward pass accumulates the block's :class:`RunStats`; the score of
-    the block is the relative squared residual of its best ridge map,
-    ``‖(Y − h) − M T‖² / ‖Y‖²`` (module docstring). Returns the chosen layers and the score
-    per start (``inf`` where no block may start; lower = better to remove).
-    """
-    adapter = get_adapter(model)
-    n_layers = len(adapter.layers(model))
-    last_end = n_layers - (2 if protect_last else 1)
-    runs = [(s, s + n - 1) for s in range(1, n_layers) if s + n - 1 <= last_end]
-    if n < 1 or not runs:
-        raise PruningPlanError(
-            f"no block of {n} layers fits a {n_layers}-layer model with layer 0"
-            + (" and the last layer" if protect_last else "")
-            + " kept",
-            entry="layers",
-        )
-    _check_healable(model, runs)
-    stats = accumulate_run_stats(model, calib_ids, runs, batch_size=batch_size, progress=progress)
-    scores = torch.full((n_layers,), float("inf"), dtype=torch.float64)
-    for (s, _e), st in stats.items():
-        scores[s] = st.residual(st.solve(ridge)) / max(st.yy, 1e-300)
-    best = int(torch.argmin(scores))
-    return list(range(best, best + n)), scores
-
-
-def select_layers_by_heal_residual(
-    model: nn.Module,
-    calib_ids: torch.Tensor,
-    n: int,
-    *,
-    ridge: float = 1e-4,
-    protect_first: int = 1,
-    protect_last: int = 1,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> tuple[list[int], list[torch.Tensor]]:
-    """Choose ``n`` layers (not necessarily contiguous) greedily by what the *healed* model
-    loses: each of ``n`` steps is one forward pass on the model with the layers chosen so far
-    healed and masked, scoring every remaining layer ``i`` by the relative residual of its best
-    map, ``‖(Y_i − h_p) − M_p T‖² / ‖Y_i‖²`` (``p``: the last kept layer before ``i``); the
-    lowest is removed and its map folded before the next step. The model is restored on exit.
-    Returns the sorted layers and each step's scores (``inf`` where not a candidate)."""
-    adapter = get_adapter(model)
-    n_layers = len(adapter.layers(model))
-    allowed = range(max(1, protect_first), n_layers - protect_last)
-    if n < 1 or n > len(allowed):
-        raise PruningPlanError(
-            f"cannot remove {n} of the {len(allowed)} layers that layer 0 (the first map "
-            f"needs a layer to fold into) and the protection leave in a {n_layers}-layer model",
-            entry="layers",
-        )
-    _check_healable(model, [(i, i) for i in allowed])
-    removed: list[int] = []
-    history: list[torch.Tensor] = []
-    with _temporary_folds(model) as fold:
-        for _ in range(n):
-            runs = [(i, i) for i in allowed if i not in removed]
-            stats = accumulate_run_stats(
-                model, calib_ids, runs, removed=removed, batch_size=batch_size, progress=progress
-            )
-            scores = torch.full((n_layers,), float("inf"), dtype=torch.float64)
-            maps = {}
-            for (i, _), st in stats.items():
-                maps[i] = st.solve(ridge)
-                scores[i] = st.residual(maps[i]) / max(st.yy, 1e-300)
-            best = int(torch.argmin(scores))
-            fold(preceding_kept(best, removed), maps[best])
-            removed.append(best)
-            history.append(scores)
-    return sorted(removed), history

@@ -1,5 +1,5 @@
-"""``prunekit.compress``: load -> evaluate dense -> calibrate -> (score -> select -> apply
-[-> recover]) x iterative -> evaluate -> [quantize -> evaluate] -> save -> report, in that
+"""``prunekit.compress``: load -> evaluate dense -> calibrate -> (score -> select -> [heal ->]
+apply [-> recover]) x iterative -> evaluate -> [quantize -> evaluate] -> save -> report, in that
 fixed order (prune -> recover -> quantize).
 
 Everything that can fail on bad input (recipe fields, plugin names and options, backend
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunekit.contracts import check_available
+from prunekit.core.heal import get_healer
 from prunekit.core.io import (
     AtomicDir,
     check_output_dir,
@@ -75,6 +76,8 @@ class Plugins:
     recovery_config: Any = None
     quantizer: Any = None
     quantize_config: Any = None
+    healer: Any = None
+    heal_config: Any = None
 
 
 class _Timer:
@@ -136,6 +139,9 @@ def preflight(recipe: Recipe) -> Plugins:
         plugins.recovery = registries.recoveries.get(recipe.recovery.method)
         check_available(plugins.recovery, "recovery method")
         plugins.recovery_config = recipe.recovery.config(plugins.recovery)
+    if recipe.heal.method is not None:
+        plugins.healer = get_healer(recipe.heal.method)
+        plugins.heal_config = recipe.heal.config(plugins.healer)
     if recipe.quantize.method is not None:
         plugins.quantizer = registries.quantizers.get(recipe.quantize.method)
         check_available(plugins.quantizer, "quantizer")
@@ -239,6 +245,12 @@ def _prune(run: _Run) -> None:
         if plan.is_empty():
             run.say(f"nothing left to remove{tag}")
             continue
+        if run.plugins.healer is not None and plan.layers:
+            run.say(f"healing layers {sorted(plan.layers)} ({run.plugins.healer.name})")
+            with run.timer("heal"):
+                run.plugins.healer.heal(
+                    run.model, run.calib_ids, plan.layers, run.plugins.heal_config
+                )
         run.say(f"removing {plan.summary()}{tag}")
         with run.timer("apply"):
             apply_plan(run.model, plan)

@@ -14,6 +14,7 @@ validated when built, with errors that name the field (``recovery.steps: ...``):
     recovery: {method: lora, steps: 100, options: {lr: 1.0e-4}}         # method null: none
     quantize: {method: torchao, options: {scheme: int8_weight_only}}    # method null: none
     evaluation: {text: null, max_chars: 100000, context_len: 2048}      # null: WikiText-2
+    heal: {method: linear, options: {ridge: 1.0e-4}}   # fold a fitted map per removed run
 """
 
 from __future__ import annotations
@@ -152,8 +153,24 @@ class QuantizeSection(PluginSection):
         return quantizer_config(quantizer, self.options, **self.convenience())
 
 
+@dataclass
+class HealSection(PluginSection):
+    """``heal: {method: linear, options: {ridge, objective, sequential}}``: training-free
+    healing of the removed layers (:mod:`prunekit.core.heal`), after selection and before
+    the layers are removed."""
+
+    method: str | None = field(default=None, metadata={"help": "'linear' (null: no healing)"})
+
+    def config(self, healer: Any) -> Any:
+        """``healer``'s validated config from the options."""
+        from prunekit.contracts import build_config
+
+        return build_config(healer, self.options, section="heal.options")
+
+
 def _section_name(section: Any) -> str:
-    return {RecoverySection: "recovery", QuantizeSection: "quantize"}.get(type(section), "plugin")
+    names = {RecoverySection: "recovery", QuantizeSection: "quantize", HealSection: "heal"}
+    return names.get(type(section), "plugin")
 
 
 _SECTIONS = {
@@ -161,6 +178,7 @@ _SECTIONS = {
     "evaluation": EvaluationSection,
     "recovery": RecoverySection,
     "quantize": QuantizeSection,
+    "heal": HealSection,
 }
 
 
@@ -177,12 +195,18 @@ class Recipe:
     recovery: RecoverySection = field(default_factory=RecoverySection)
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    heal: HealSection = field(default_factory=HealSection)
 
     def __post_init__(self) -> None:
         _check(
             isinstance(self.iterative, int) and self.iterative >= 1,
             "iterative",
             f"must be an integer >= 1, got {self.iterative!r}",
+        )
+        _check(
+            self.heal.method is None or self.iterative == 1,
+            "heal",
+            "linear healing fits on the unpruned model; use iterative: 1",
         )
 
     # ---- (de)serialisation ---------------------------------------------------------------
