@@ -242,3 +242,17 @@ def test_hooks_list_matches_hookspecs_module():
 
 def test_hookimpl_is_reexported():
     assert prunekit.hookimpl is hookspecs.hookimpl
+
+
+def test_package_root_exports_are_sorted_and_complete():
+    public = {
+        name
+        for name, obj in vars(prunekit).items()
+        if not name.startswith("_") and not isinstance(obj, types.ModuleType)
+    }
+    assert prunekit.__all__ == sorted(prunekit.__all__)
+    assert set(prunekit.__all__) == public
+    from prunekit.core.pipeline import compress
+    from prunekit.core.recipe import Recipe
+
+    assert prunekit.compress is compress and prunekit.Recipe is Recipe
