@@ -15,10 +15,7 @@ from prunekit.core.heal import (
     heal_and_remove,
     layer_runs,
 )
-from prunekit.core.heal_select import (
-    select_block_by_heal_residual,
-    select_layers_by_heal_residual,
-)
+from prunekit.core.heal_select import select_block_by_heal_residual
 
 
 @pytest.fixture
@@ -202,21 +199,6 @@ def test_sequential_fit_targets_the_healed_model(calib):
     h = hidden[3].reshape(-1, 64) - m
     direct = torch.linalg.lstsq(m, hidden[4].reshape(-1, 64) - h).solution
     torch.testing.assert_close(maps[(3, 3)], direct, atol=1e-8, rtol=1e-8)
-
-
-def test_greedy_selector_scores_the_healed_model_and_restores_it(calib):
-    model = linear_block_model()
-    before = _state(model)
-    layers, history = select_layers_by_heal_residual(model, calib, 2, ridge=1e-12)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert len(layers) == 2 and 0 not in layers and 4 not in layers  # protected ends
-    assert history[0][2] < 1e-12  # layer 2 adds a linear function of M_1
-    _, block_scores = select_block_by_heal_residual(model, calib, 1, ridge=1e-12)
-    finite = torch.isfinite(block_scores)
-    torch.testing.assert_close(history[0][finite], block_scores[finite])
-    first = int(history[0].argmin())
-    assert first in layers and torch.isinf(history[1][first])  # not scored again
 
 
 def test_heal_residual_scorer_selects_the_linear_block(calib):
