@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from prunekit import hookspecs
+from prunekit.contracts import check_available, option_help
 from prunekit.errors import RegistryError, UnsupportedArchitectureError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -38,6 +39,9 @@ HOOKS = (
     "register_quantizers",
     "register_recoveries",
 )
+
+#: the registries of a :class:`Plugins`, in the order of ``HOOKS``
+REGISTRIES = ("adapters", "scorers", "quantizers", "recoveries")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
 T = TypeVar("T")
@@ -126,7 +130,7 @@ class Plugins:
         self._collect()
 
     def _collect(self) -> None:
-        registries = (self.adapters, self.scorers, self.quantizers, self.recoveries)
+        registries = [self.registry(kind) for kind in REGISTRIES]
         for hook_name, registry in zip(HOOKS, registries, strict=True):
             hook = getattr(self.pm.hook, hook_name)
             # get_hookimpls() lists in registration order (built-ins, then entry points).
@@ -165,6 +169,54 @@ class Plugins:
 
     def model_types(self) -> list[str]:
         return sorted(self._model_types)
+
+    def registry(self, kind: str) -> Registry[Any]:
+        """The registry of ``kind``: ``adapters``, ``scorers``, ``quantizers`` or
+        ``recoveries``."""
+        if kind not in REGISTRIES:
+            raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(REGISTRIES)}")
+        return getattr(self, kind)
+
+    def check(self, kind: str, name: str) -> Any:
+        """The plugin object called ``name`` in registry ``kind``, checked usable here: the
+        edge where a name becomes an object. Raises :class:`RegistryError` (unknown name, with
+        the valid ones) or :class:`prunekit.errors.PluginUnavailableError` (its ``available()``
+        said no, with what to install)."""
+        registry = self.registry(kind)
+        plugin = registry.get(name)
+        check_available(plugin, registry.kind)
+        return plugin
+
+    def describe(self, *, options: bool = False) -> list[str]:
+        """Lines for ``prunekit plugins``: each plugin module and what it registers; with
+        ``options``, each registered plugin's options (its ``config_class`` fields)."""
+        lines = []
+        for plugin_name, provided in self.provided.items():
+            parts = [
+                f"{hook.removeprefix('register_')}: {', '.join(provided[hook])}"
+                for hook in HOOKS
+                if provided.get(hook)
+            ]
+            lines += [plugin_name, f"    {'; '.join(parts) or '(registers nothing)'}"]
+        lines += ["", f"model types: {', '.join(self.model_types())}"]
+        if options:
+            lines += self._option_lines()
+        return lines
+
+    def _option_lines(self) -> list[str]:
+        lines = []
+        for kind in REGISTRIES:
+            registry = self.registry(kind)
+            for name in registry.names():
+                config_class = getattr(registry.get(name), "config_class", None)
+                helps = option_help(config_class) if config_class is not None else {}
+                if helps:
+                    lines += ["", f"{registry.kind} {name} options:"]
+                    lines += [
+                        f"    {key}: {text}" if text else f"    {key}"
+                        for key, text in helps.items()
+                    ]
+        return lines
 
 
 @functools.lru_cache(maxsize=1)

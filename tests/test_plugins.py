@@ -256,3 +256,41 @@ def test_package_root_exports_are_sorted_and_complete():
     from prunekit.core.recipe import Recipe
 
     assert prunekit.compress is compress and prunekit.Recipe is Recipe
+
+
+def test_check_resolves_a_name_once_and_checks_availability():
+    from prunekit.contracts import PluginBase
+    from prunekit.errors import PluginUnavailableError
+
+    class Missing(PluginBase):
+        name = "needs_backend"
+
+        def available(self):
+            return False, "pip install some-backend"
+
+    class Extra:
+        @hookspecs.hookimpl
+        def register_quantizers(self, register):
+            register(Missing())
+
+    plugins = Plugins(load_entrypoints=False, extra=(Extra(),))
+    assert plugins.check("recoveries", "lora") is plugins.recoveries.get("lora")
+    with pytest.raises(PluginUnavailableError, match="pip install some-backend") as info:
+        plugins.check("quantizers", "needs_backend")
+    assert info.value.name == "needs_backend"
+    with pytest.raises(RegistryError, match="valid scorers: .*block_influence"):
+        plugins.check("scorers", "nope")
+    with pytest.raises(ValueError, match="unknown plugin kind 'scorer'; kinds: adapters"):
+        plugins.check("scorer", "taylor")
+
+
+def test_cli_plugins_lists_options_on_request():
+    def run(*args):
+        cmd = [sys.executable, "-m", "prunekit", "plugins", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    plain, detailed = run(), run("--options")
+    assert detailed.startswith(plain.rstrip("\n"))
+    assert "options:" not in plain
+    assert "scorer angular_distance options:\n    token: " in detailed
+    assert "recovery method lora options:" in detailed and "    lora_r: LoRA rank r" in detailed
