@@ -3,14 +3,11 @@ scorer ``example_layers``, the quantizer ``example_rtn``, the recovery method
 ``example_norms``), registered through the ``prunekit`` entry-point group and driven by the
 real CLI with its own options (``--scorer-opt``, ``--quant-opt``, ``--recover-opt``). The
 adapter kind is covered by ``tests/test_thirdparty_plugin.py`` (``prunekit-gpt2``).
-
-The plugin is installed by ``.ci/run`` and ``make test`` with
-``pip install --no-deps -e tests/plugins/prunekit-example``.
+``scripts/setup-venv.sh`` installs the plugin (``pip install --no-deps -e``).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import subprocess
 import sys
@@ -21,21 +18,16 @@ from conftest import brown_text, run_python, save_tiny, tiny_model, wiki_text
 
 from prunekit.plugins import reset_plugins
 
-try:
-    importlib.metadata.distribution("prunekit-example")
-except importlib.metadata.PackageNotFoundError:
-    pytest.skip(
-        "the example plugin is not installed: "
-        "pip install --no-deps -e tests/plugins/prunekit-example",
-        allow_module_level=True,
-    )
+pytest.importorskip(
+    "prunekit_example", reason="pip install --no-deps -e tests/plugins/prunekit-example"
+)
 
 HIDDEN = 64  # tiny_config's hidden_size: the size of the final norm
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fresh_plugins():
-    reset_plugins()  # another test may have cached a plugin set built without entry points
+def _with_entry_points():
+    reset_plugins()  # a plugin set cached by another test may lack the entry points
     yield
     reset_plugins()
 

@@ -72,16 +72,23 @@ def test_extra_plugin_object_registers_through_the_same_hooks():
     assert plugins.quantizers.get("my_quant").name == "my_quant"
 
 
+def registering(hook_name: str, *objects) -> types.SimpleNamespace:
+    """A plugin whose ``hook_name`` implementation registers ``objects``."""
+
+    @hookspecs.hookimpl(specname=hook_name)
+    def hook(register):
+        for obj in objects:
+            register(obj)
+
+    return types.SimpleNamespace(hook=hook)
+
+
 def test_duplicate_across_plugins_is_refused():
-    class Clash:
-        @hookspecs.hookimpl
-        def register_adapters(self, register):
-            from prunekit.adapters.llama import LlamaAdapter
+    from prunekit.adapters.llama import LlamaAdapter
 
-            register(LlamaAdapter())
-
+    clash = registering("register_adapters", LlamaAdapter())
     with pytest.raises(RegistryError, match="'llama' is registered twice"):
-        Plugins(load_entrypoints=False, extra=(Clash(),))
+        Plugins(load_entrypoints=False, extra=(clash,))
 
 
 def test_model_type_claimed_twice_is_refused():
@@ -90,13 +97,9 @@ def test_model_type_claimed_twice_is_refused():
     class Other(LlamaAdapter):
         name = "llama_variant"
 
-    class Clash:
-        @hookspecs.hookimpl
-        def register_adapters(self, register):
-            register(Other())
-
+    clash = registering("register_adapters", Other())
     with pytest.raises(RegistryError, match="model_type 'llama' is claimed by adapters"):
-        Plugins(load_entrypoints=False, extra=(Clash(),))
+        Plugins(load_entrypoints=False, extra=(clash,))
 
 
 def test_disable_builtin_plugin(monkeypatch):
@@ -268,12 +271,8 @@ def test_check_resolves_a_name_once_and_checks_availability():
         def available(self):
             return False, "pip install some-backend"
 
-    class Extra:
-        @hookspecs.hookimpl
-        def register_quantizers(self, register):
-            register(Missing())
-
-    plugins = Plugins(load_entrypoints=False, extra=(Extra(),))
+    extra = registering("register_quantizers", Missing())
+    plugins = Plugins(load_entrypoints=False, extra=(extra,))
     assert plugins.check("recoveries", "lora") is plugins.recoveries.get("lora")
     with pytest.raises(PluginUnavailableError, match="pip install some-backend") as info:
         plugins.check("quantizers", "needs_backend")
