@@ -75,6 +75,10 @@ def _recipe_from_args(args: argparse.Namespace):
         ev["latency"] = False
     if args.iterative is not None:
         data["iterative"] = args.iterative
+    if args.sequential:
+        data["sequential"] = True
+    if args.no_eval:
+        ev["text"], ev["latency"] = "none", False
     recipe = Recipe.from_dict(data)
     if args.scorer_opt:
         _add_scorer_options(recipe, args.scorer_opt)
@@ -174,6 +178,12 @@ def add_parser(sub) -> None:
         "for every scorer of the run that has it",
     )
     g.add_argument("--iterative", type=int, help="score -> select -> apply (-> recover) k times")
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        help="a model larger than memory: score layer by layer from the safetensors and stream "
+        "the plan to the output (forward-only scorers; no recovery/quantization in this run)",
+    )
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", help="text file/folder, 'self', or datasets name (default: Brown)")
     g.add_argument("--calib-samples", type=int, help="calibration sequences")
@@ -199,6 +209,9 @@ def add_parser(sub) -> None:
     g.add_argument("--eval-text", help="held-out text for perplexity (default: WikiText-2 test)")
     g.add_argument("--eval-max-chars", type=int, help="first N characters only (0: all)")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    g.add_argument(
+        "--no-eval", action="store_true", help="no perplexity, no latency (--eval-text none)"
+    )
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.set_defaults(func=run_compress)

@@ -181,15 +181,24 @@ def compress(
     overwrite: bool = False,
     gguf_file: str | None = None,
     progress: bool = True,
+    sequential: bool | None = None,
 ) -> CompressResult:
     """Compress a model with a recipe and save the result, the report and the evidence.
 
     ``model_or_path``: an ``nn.Module`` (then pass ``tokenizer``; it is modified in place),
     a model directory, a hub id, or a ``.gguf`` file. ``recipe``: a :class:`Recipe`, a dict,
-    or a YAML/JSON file.
+    or a YAML/JSON file. ``sequential`` (default: ``recipe.sequential``): never build the
+    model; score layer by layer from the directory's safetensors and stream the plan to the
+    output (see :mod:`prunekit.core.sequential`).
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_file(recipe)
+    if sequential if sequential is not None else recipe.sequential:
+        from prunekit.core.sequential import compress_sequential
+
+        return compress_sequential(
+            model_or_path, recipe, output_dir, overwrite=overwrite, progress=progress
+        )
     output_dir = check_output_dir(output_dir, overwrite)
     plugins = preflight(recipe)
     run = _load(model_or_path, tokenizer, gguf_file, recipe, plugins, progress)

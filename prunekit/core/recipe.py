@@ -191,6 +191,13 @@ class Recipe:
     iterative: int = field(
         default=1, metadata={"help": "repeat score -> select -> apply (-> recover) k times"}
     )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "score layer by layer from the safetensors and stream the plan to the "
+            "output: a model larger than memory (prunekit.core.sequential)"
+        },
+    )
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     recovery: RecoverySection = field(default_factory=RecoverySection)
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
@@ -212,6 +219,8 @@ class Recipe:
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"targets": self.targets.to_dict(), "iterative": self.iterative}
+        if self.sequential:
+            out["sequential"] = True
         for name in _SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
         return out
@@ -220,7 +229,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         if not isinstance(data, dict):
             raise ValueError(f"recipe: expected a mapping, got {type(data).__name__}")
-        known = {"targets", "iterative", *_SECTIONS}
+        known = {"targets", "iterative", "sequential", *_SECTIONS}
         unknown = sorted(set(data) - known)
         _check(not unknown, "recipe", f"unknown sections {unknown}; valid: {sorted(known)}")
         kwargs: dict[str, Any] = {}
@@ -228,6 +237,9 @@ class Recipe:
             kwargs["targets"] = Targets.from_dict(data["targets"] or {})
         if "iterative" in data:
             kwargs["iterative"] = data["iterative"]
+        if "sequential" in data:
+            _check(isinstance(data["sequential"], bool), "sequential", "must be true or false")
+            kwargs["sequential"] = data["sequential"]
         for name, section_cls in _SECTIONS.items():
             if name in data:
                 kwargs[name] = _build_section(name, section_cls, data[name] or {})

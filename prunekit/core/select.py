@@ -337,13 +337,15 @@ def plan_for(
     batch_size: int = 8,
     configs: Mapping[str, Any] | None = None,
     scorers: Mapping[str, Any] | None = None,
+    sequential: bool = False,
 ) -> tuple[PrunePlan, Scores]:
     """Score exactly what ``targets`` need (one capture pass for the forward-only scorers) and
     select. ``scorers``: unit → scorer object from :func:`resolve_scorers` (resolved here if
     not given); ``configs``: scorer name → options, on top of ``targets.scorer_options``.
     With ``layer_steps > 1`` the layers are removed in that many steps, each re-scored with
     the layers chosen so far masked out; the head and neuron scores are then computed with all
-    chosen layers masked."""
+    chosen layers masked. ``sequential=True`` scores layer by layer (``model`` may then be a
+    model directory read one layer at a time; ``layer_steps`` must be 1)."""
     scorers = resolve_scorers(targets) if scorers is None else dict(scorers)
     if not scorers:
         raise ValueError("targets remove nothing: set layers, heads or neurons")
@@ -355,7 +357,13 @@ def plan_for(
         mask = masked(model, PrunePlan(layers=removed)) if removed else contextlib.nullcontext()
         with mask:
             return score(
-                model, samples, objs, batch_size=batch_size, progress=progress, configs=cfg
+                model,
+                samples,
+                objs,
+                batch_size=batch_size,
+                progress=progress,
+                configs=cfg,
+                sequential=sequential,
             )
 
     if targets.layer_steps <= 1 or "layers" not in scorers:
