@@ -127,34 +127,36 @@ def test_one_file_in_one_file_out_and_tied_embeddings(tmp_path, ids):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_peak_memory_is_one_shard(tmp_path, monkeypatch):
-    """Each output shard is written from at most one shard's worth of tensors, read from the
-    input files it needs (at most about two input shards' worth, unmapped after every shard)."""
+def test_tensors_are_written_one_at_a_time(tmp_path, monkeypatch):
+    """Nothing is saved from a dict of tensors; only the tensors the plan cuts are read into
+    memory (one projection at a time), everything else is copied as bytes."""
     import safetensors.torch
 
     from prunekit.core import streaming
 
     src = _checkpoint(tmp_path)
-    limit = max_shard_bytes(checkpoint_tensors(src))
-    written, read = [], [0]
-    real_save, real_get = safetensors.torch.save_file, streaming._Reader.get
+    tensors = checkpoint_tensors(src)
+    read = []
+    real_read = streaming._read_tensor
 
-    def save(state, path, metadata=None):
-        written.append((sum(t.numel() * t.element_size() for t in state.values()), read[0]))
-        read[0] = 0
-        real_save(state, path, metadata=metadata)
+    def no_save(*a, **k):
+        raise AssertionError("a whole shard was handed to save_file")
 
-    def get(self, key):
-        tensor = real_get(self, key)
-        read[0] += tensor.numel() * tensor.element_size()
-        return tensor
+    def count(info, key):
+        read.append(key)
+        return real_read(info, key)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save)
-    monkeypatch.setattr(streaming._Reader, "get", get)
-    stream_apply(src, UNIFORM, tmp_path / "out")
-    assert len(written) > 1
-    assert max(w for w, _ in written) <= limit
-    assert max(r for _, r in written) <= 2 * limit
+    monkeypatch.setattr(safetensors.torch, "save_file", no_save)
+    monkeypatch.setattr(streaming, "_read_tensor", count)
+    out = stream_apply(src, UNIFORM, tmp_path / "out")
+    assert len(read) == len(set(read))  # each input tensor read at most once
+    assert "model.embed_tokens.weight" not in read  # copied as bytes
+    assert not [k for k in read if "layernorm" in k]
+    kept = [i for i in range(5) if i not in UNIFORM.layers]
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert len(read) == len(kept) * len(projections)
+    assert max(tensors[k].nbytes for k in read) < max(t.nbytes for t in tensors.values())
+    assert max_shard_bytes(checkpoint_tensors(out)) <= max_shard_bytes(tensors)
 
 
 def test_bad_plan_and_output_fail_before_writing(tmp_path):

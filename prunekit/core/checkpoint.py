@@ -34,6 +34,8 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    #: absolute byte offset of the tensor's data in ``file``
+    start: int = 0
 
     @property
     def itemsize(self) -> int:
@@ -49,9 +51,14 @@ class TensorInfo:
 def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read
     without mapping the file."""
+    return _header(path)[0]
+
+
+def _header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The header and the byte offset at which the tensor data begins."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        return json.loads(f.read(n)), 8 + n
 
 
 def checkpoint_tensors(directory: str | Path) -> dict[str, TensorInfo]:
@@ -61,9 +68,11 @@ def checkpoint_tensors(directory: str | Path) -> dict[str, TensorInfo]:
         raise ModelLoadError(f"{directory} has no *.safetensors weight files")
     out: dict[str, TensorInfo] = {}
     for f in files:
-        for key, entry in read_header(f).items():
+        header, data = _header(f)
+        for key, entry in header.items():
             if key != "__metadata__":
-                out[key] = TensorInfo(f, entry["dtype"], tuple(entry["shape"]))
+                start = data + entry["data_offsets"][0]
+                out[key] = TensorInfo(f, entry["dtype"], tuple(entry["shape"]), start)
     return out
 
 

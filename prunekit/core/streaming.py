@@ -8,28 +8,37 @@ role of every per-layer tensor (:meth:`~prunekit.adapters.base.Adapter.state_key
 their shapes and the config exactly as the in-memory path writes it, and each real projection
 is cut by the adapter's own ``slice_projection`` — so the result equals
 ``load_model`` + ``apply_plan`` + ``save_pretrained`` bit for bit. Tensors keep their dtype;
-tied embeddings stay tied (the tied copy is not stored, as in the input). Peak memory is about
-one output shard plus the tensor being sliced.
+tied embeddings stay tied (the tied copy is not stored, as in the input). Each output file's
+header is known before any tensor is read, so files are written tensor by tensor: tensors the
+plan does not cut (embeddings, norms, kept layers' unsliced weights) are copied as bytes, and
+peak memory is about the largest projection being sliced, never a whole shard.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import shutil
-from collections.abc import Iterator
+import struct
+from math import prod
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.core.checkpoint import TensorInfo, checkpoint_tensors, main_dtype, max_shard_bytes
+from prunekit.core.checkpoint import (
+    DTYPES,
+    TensorInfo,
+    checkpoint_tensors,
+    main_dtype,
+    max_shard_bytes,
+)
 from prunekit.core.io import (
     AtomicDir,
     _strip_config_key,
     build_sidecar,
+    check_output_dir,
     global_access,
     meta_skeleton,
     write_sidecar,
@@ -71,25 +80,12 @@ def _state_names(model: nn.Module) -> dict[tuple[int, str], str]:
 
 
 # ---- slicing real tensors ---------------------------------------------------------------
-class _Reader:
-    """Reads checkpoint tensors through ``safe_open``; files stay mapped until :meth:`close`."""
+def _read_tensor(info: TensorInfo, key: str) -> torch.Tensor:
+    """One checkpoint tensor, through ``safe_open``; the file is unmapped right after."""
+    from safetensors import safe_open
 
-    def __init__(self, tensors: dict[str, TensorInfo]):
-        self.tensors = tensors
-        self.stack = contextlib.ExitStack()
-        self.handles: dict[Path, Any] = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.tensors[key].file
-        if file not in self.handles:
-            self.handles[file] = self.stack.enter_context(safe_open(file, "pt", device="cpu"))
-        return self.handles[file].get_tensor(key)
-
-    def close(self) -> None:
-        self.stack.close()
-        self.handles.clear()
+    with safe_open(info.file, "pt", device="cpu") as handle:
+        return handle.get_tensor(key)
 
 
 class _Slicer:
@@ -104,6 +100,7 @@ class _Slicer:
         self.head_keeps = plan.validate(self.shapes)
         self.neurons = plan.neurons
         self.pending: dict[str, torch.Tensor] = {}
+        self.out_shapes: dict[str, tuple[int, ...]] = {}  # new key -> shape after the plan
 
     def keep(self, layer_idx: int, role: str) -> tuple[Any, str] | None:
         """``(keep indices, dim)`` of a projection role in a layer, or ``None`` (untouched)."""
@@ -118,18 +115,23 @@ class _Slicer:
             return [i for i in range(n) if i not in gone], _NEURON_ROLES[role]
         return None
 
-    def tensor(self, key: str, reader: _Reader) -> torch.Tensor:
+    def cut(self, key: str) -> tuple[Any, str] | None:
+        """How the tensor ``key`` is cut, or ``None`` when it is copied unchanged."""
+        layer_idx, role = self.roles.get(key, (None, "layer"))
+        return self.keep(layer_idx, role) if layer_idx is not None else None
+
+    def tensor(self, key: str, tensors: dict[str, TensorInfo]) -> torch.Tensor:
         if key in self.pending:
             return self.pending.pop(key)
-        layer_idx, role = self.roles.get(key, (None, "layer"))
-        cut = self.keep(layer_idx, role) if layer_idx is not None else None
+        cut = self.cut(key)
         if cut is None:
-            return reader.get(key)
+            return _read_tensor(tensors[key], key)
         m_name = key.rpartition(".")[0]
         module = self.model.get_submodule(m_name)
         names = [name for name, _ in module.named_parameters(recurse=False)]
         for name in names:
-            setattr(module, name, nn.Parameter(reader.get(f"{m_name}.{name}"), False))
+            param = _read_tensor(tensors[f"{m_name}.{name}"], f"{m_name}.{name}")
+            setattr(module, name, nn.Parameter(param, False))
         self.adapter.slice_projection(module, *cut)
         for name in names:
             self.pending[f"{m_name}.{name}"] = getattr(module, name).detach()
@@ -178,38 +180,74 @@ def _rename_map(pruned: nn.Module, before: dict[tuple[int, str], str]) -> dict[s
     return {before[k]: after[k] for k in before if k in after}
 
 
-@contextlib.contextmanager
-def _open_reader(tensors: dict[str, TensorInfo]) -> Iterator[_Reader]:
-    reader = _Reader(tensors)
-    try:
-        yield reader
-    finally:
-        reader.close()
-
-
 def _itemsize(info: TensorInfo, cast: torch.dtype | None) -> int:
     floating = info.dtype.startswith(("F", "BF"))
     return cast.itemsize if cast is not None and floating else info.itemsize
 
 
-def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensors, cast) -> dict:
-    from safetensors.torch import save_file
+def _dtype_name(info: TensorInfo, cast: torch.dtype | None) -> str:
+    if cast is None or not info.dtype.startswith(("F", "BF")):
+        return info.dtype
+    return next(name for name, dtype in DTYPES.items() if dtype == cast)
 
+
+def _write_shard(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], fill) -> None:
+    """Write a safetensors file whose header (``entries``: name, dtype, shape) is known up
+    front, then each tensor's bytes in order (``fill(file, name)``): one tensor at a time in
+    memory, never the whole shard."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = prod(shape) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, _, _ in entries:
+            fill(f, name)
+        if f.tell() != 8 + len(text) + offset:
+            raise RuntimeError(f"{path.name}: wrote {f.tell()} bytes, expected more")
+
+
+def _copy_bytes(f, info: TensorInfo, chunk: int = 1 << 24) -> None:
+    """Copy a tensor's bytes unchanged from its input file (no tensor is built)."""
+    with open(info.file, "rb") as src:
+        src.seek(info.start)
+        left = info.nbytes
+        while left:
+            data = src.read(min(chunk, left))
+            f.write(data)
+            left -= len(data)
+
+
+def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensors, cast) -> dict:
     names = _shard_names(len(shards))
     weight_map: dict[str, str] = {}
     total_size = total_params = 0
+
+    def fill(f, new_key: str) -> None:
+        old = new_to_old[new_key]
+        if cast is None and old not in slicer.pending and slicer.cut(old) is None:
+            _copy_bytes(f, tensors[old])
+            return
+        # contiguous: index_select on the input axis leaves a transposed-stride copy
+        t = slicer.tensor(old, tensors).contiguous()
+        if cast is not None and t.is_floating_point():
+            t = t.to(cast)
+        f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
     for name, keys in zip(names, shards, strict=True):
-        with _open_reader(tensors) as reader:
-            # contiguous: index_select on the input axis leaves a transposed-stride copy
-            state = {k: slicer.tensor(new_to_old[k], reader).contiguous() for k in keys}
-        if cast is not None:
-            state = {k: t.to(cast) if t.is_floating_point() else t for k, t in state.items()}
-        save_file(state, out / name, metadata={"format": "pt"})
-        for k, t in state.items():
+        entries = []
+        for k in keys:
+            info = tensors[new_to_old[k]]
+            shape = tuple(slicer.out_shapes[k])
+            entries.append((k, _dtype_name(info, cast), shape))
             weight_map[k] = name
-            total_size += t.numel() * t.element_size()
-            total_params += t.numel()
-        del state
+            total_size += prod(shape) * DTYPES[entries[-1][1]].itemsize
+            total_params += prod(shape)
+        _write_shard(out / name, entries, fill)
     return {
         "metadata": {"total_parameters": total_params, "total_size": total_size},
         "weight_map": dict(sorted(weight_map.items())),
@@ -234,12 +272,7 @@ def stream_apply(
     ``save_pretrained`` writes them; the input is never modified (an output inside, above or
     at the input is refused)."""
     source = Path(model_dir)
-    src, out = source.resolve(), Path(out_dir).resolve()
-    if out == src or out in src.parents or src in out.parents:
-        raise ValueError(
-            f"the output directory {out_dir} would overwrite the input checkpoint {model_dir}; "
-            "write somewhere outside the input"
-        )
+    check_output_dir(out_dir, overwrite, inputs=(source,))
     tensors = checkpoint_tensors(source)
     cast = dtype
     dtype = dtype or main_dtype(tensors)
@@ -254,12 +287,13 @@ def stream_apply(
         )
     renamed = _rename_map(apply_plan(skeleton, plan), before)
     new_state = skeleton.state_dict()
+    slicer.out_shapes = {k: tuple(v.shape) for k, v in new_state.items()}
     new_to_old = {new: old for old, new in renamed.items() if old in tensors}
     order = [k for k in new_state if k in new_to_old]
     sizes = {k: new_state[k].numel() * _itemsize(tensors[new_to_old[k]], cast) for k in order}
     limit = max_shard_size if max_shard_size is not None else max_shard_bytes(tensors)
     shards = plan_shards(sizes, limit)
-    with AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite, inputs=(source,)) as tmp:
         index = _write_shards(tmp, shards, new_to_old, slicer, tensors, cast)
         if len(shards) > 1:
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"
