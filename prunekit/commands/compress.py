@@ -151,6 +151,16 @@ def _option_flag(group, flag: str, help: str) -> None:
     group.add_argument(flag, action="append", metavar="KEY=VALUE", help=help)
 
 
+def _heal_flags(group) -> None:
+    group.add_argument(
+        "--heal",
+        choices=("linear",),
+        help="training-free healing of removed layers: fold a least-squares map of each "
+        "removed run into the layer before it (ReplaceMe); stock config",
+    )
+    _option_flag(group, "--heal-opt", "a healing option (repeatable): ridge, objective, sequential")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "compress",
@@ -188,13 +198,7 @@ def add_parser(sub) -> None:
     g.add_argument("--calib", help="text file/folder, 'self', or datasets name (default: Brown)")
     g.add_argument("--calib-samples", type=int, help="calibration sequences")
     g.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
-    g.add_argument(
-        "--heal",
-        choices=("linear",),
-        help="training-free healing of removed layers: fold a least-squares map of each "
-        "removed run into the layer before it (ReplaceMe); stock config",
-    )
-    _option_flag(g, "--heal-opt", "a healing option (repeatable): ridge, objective, sequential")
+    _heal_flags(g)
     g = p.add_argument_group("recovery and quantization")
     g.add_argument("--recover", help="recovery method: lora, full, distill, qlora")
     g.add_argument("--recover-steps", type=int, help="recovery step budget")
