@@ -100,3 +100,22 @@ def test_per_layer_loader_streams_tensors(tmp_path, monkeypatch, ids):
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_device_map_offload_gives_the_same_scores(tmp_path):
+    """``device_map="auto"`` with a ``max_memory`` that forces every weight to disk: the same
+    scores as the plain run (forward-only scorers, weight-reading ones included)."""
+    import prunekit
+
+    src = tmp_path / "m"
+    tiny_model("llama").save_pretrained(src)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    names = ["block_influence", "output_norm", "activation_frequency", "magnitude", "wanda"]
+    plain, _ = load_model(src)
+    offloaded, _ = load_model(src, device_map="auto", max_memory={"cpu": "60KB"})
+    assert "disk" in set(offloaded.hf_device_map.values())
+    assert any(p.is_meta for p in offloaded.parameters())
+    a = prunekit.score(plain, ids, names, progress=False)
+    b = prunekit.score(offloaded, ids, names, progress=False)
+    for name in names:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)

@@ -169,9 +169,10 @@ def capture(
     adapter = get_adapter(model)
     layers = list(enumerate(adapter.layers(model)))
     for i, layer in layers:
-        for a in accs:
-            if "weights" in a.taps:
-                a.on_weights(i, layer)
+        with _aligned(layer):
+            for a in accs:
+                if "weights" in a.taps:
+                    a.on_weights(i, layer)
     if not any(a.taps & {"layer_io", "head_inputs", "neuron_inputs"} for a in accs):
         return
     device = _device(model)
@@ -183,6 +184,20 @@ def capture(
             base(input_ids=samples[rows].to(device), **_call_kwargs(base))
             for a in accs:
                 a.end_batch()
+
+
+@contextlib.contextmanager
+def _aligned(module: nn.Module) -> Iterator[None]:
+    """Weights a ``device_map`` offloaded to CPU or disk (accelerate) are on the meta device
+    outside a forward call; bring them in for weight-reading scorers."""
+    with contextlib.ExitStack() as stack:
+        if any(p.is_meta for p in module.parameters()):
+            from accelerate.utils import align_module_device, has_offloaded_params
+
+            for m in module.modules():
+                if has_offloaded_params(m):
+                    stack.enter_context(align_module_device(m))
+        yield
 
 
 def _call_kwargs(base: nn.Module) -> dict[str, Any]:
