@@ -119,3 +119,18 @@ def test_device_map_offload_gives_the_same_scores(tmp_path):
     b = prunekit.score(offloaded, ids, names, progress=False)
     for name in names:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--device", "tpu"], ["--dtype", "int4"]])
+def test_eval_flags_fail_before_loading(tmp_path, capsys, flags, monkeypatch):
+    from prunekit.cli import main
+    from prunekit.core import io
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded before checking the flags")
+
+    monkeypatch.setattr(io, "load_pretrained", no_load)
+    src = tmp_path / "m"
+    tiny_model("llama").save_pretrained(src)
+    assert main(["eval", str(src), "--no-latency", *flags]) == 2
+    assert flags[0].lstrip("-") in capsys.readouterr().err

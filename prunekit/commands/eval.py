@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="latency: timed runs (median)")
     p.add_argument("--json", dest="json_out", help="also write the full result to this file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from prunekit.commands.placement import add_device_args
+
+    add_device_args(p)
     p.set_defaults(func=run)
 
 
@@ -58,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
     from prunekit.core.io import load_model
     from prunekit.core.report import result_table
 
+    from prunekit.commands.placement import device_kwargs
+
+    placement = device_kwargs(args)  # a bad --device / --dtype fails before any loading
     model, tokenizer = load_model(
-        args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle
+        args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle, **placement
     )
     dense = None
     if args.dense is not None:
-        dense, _ = load_model(args.dense, allow_pickle=args.allow_pickle)
+        dense, _ = load_model(args.dense, allow_pickle=args.allow_pickle, **placement)
     if args.text is not None and tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save the tokenizer with it")
     result = evaluate(
