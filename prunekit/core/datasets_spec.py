@@ -210,15 +210,17 @@ def check_spec(spec: DatasetSpec, role: str = "calibration") -> None:
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def read_documents(spec: DatasetSpec, *, max_chars: int | None = None) -> list[Any]:
+def read_documents(
+    spec: DatasetSpec, *, max_chars: int | None = None, role: str = "calibration"
+) -> list[Any]:
     """The non-empty rows of ``spec``'s text column: strings, or lists of chat messages
     (``{role, content}``) for a chat column. A streamed dataset is read only until
     ``max_chars`` characters are collected."""
-    check_spec(spec)
+    check_spec(spec, role)
     from datasets import load_dataset
 
     ds = load_dataset(**spec.load_kwargs())
-    column = spec.column or _text_column(ds, spec)
+    column = _text_column(ds, spec, role)
     docs: list[Any] = []
     size = 0
     for row in ds if spec.streaming else ds.select_columns([column]):
@@ -230,21 +232,28 @@ def read_documents(spec: DatasetSpec, *, max_chars: int | None = None) -> list[A
         if spec.streaming and max_chars is not None and size >= max_chars:
             break
     if not docs:
-        raise DataSourceError(f"{spec.describe()} holds no text", source=spec.describe())
+        raise DataSourceError(f"{spec.describe()} holds no text", source=spec.describe(), role=role)
     return docs
 
 
-def _text_column(ds: Any, spec: DatasetSpec) -> str:
-    features = ds.features or {}
-    if "text" in features:
-        return "text"
-    strings = [c for c, f in features.items() if getattr(f, "dtype", "") == "string"]
-    if not strings:
+def _text_column(ds: Any, spec: DatasetSpec, role: str) -> str:
+    """``spec.column`` when the dataset has it, else ``text``, else the first string column."""
+    if ds.features is None:  # a stream that does not declare its columns: look at one row
+        row = next(iter(ds), {})
+        names, strings = list(row), [k for k, v in row.items() if isinstance(v, str)]
+    else:
+        names = list(ds.features)
+        strings = [c for c, f in ds.features.items() if getattr(f, "dtype", "") == "string"]
+    wanted = spec.column or ("text" if "text" in names else next(iter(strings), None))
+    if wanted is None or wanted not in names:
+        what = f"no column {wanted!r}" if wanted else "no text column"
         raise DataSourceError(
-            f"{spec.describe()} has no text column; name one with field=COLUMN",
+            f"{spec.describe()} has {what}; name one with field=COLUMN (it has "
+            f"{', '.join(names) or 'no columns'})",
             source=spec.describe(),
+            role=role,
         )
-    return strings[0]
+    return wanted
 
 
 def as_text(doc: Any) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from torch import nn
 from prunekit.contracts import check_available
 from prunekit.core.heal import get_healer
 from prunekit.core.io import (
+    SIDECAR,
     AtomicDir,
     check_output_dir,
     load_model,
@@ -33,10 +36,12 @@ from prunekit.core.io import (
     weights_size_mb,
 )
 from prunekit.core.plan import PrunePlan
+from prunekit.core.preflight import check_model_input
 from prunekit.core.recipe import Recipe
 from prunekit.core.report import write_report
-from prunekit.core.surgery import apply_plan
-from prunekit.core.targets import Targets, resolve_scorers, scorer_configs
+from prunekit.core.surgery import apply_plan, check_not_quantized
+from prunekit.core.targets import resolve_scorers, scorer_configs, step_targets, unit_counts
+from prunekit.errors import StageFailedError
 from prunekit.plugins import get_adapter, get_plugins
 
 PROBE_TOKENS = 16
@@ -54,6 +59,7 @@ class CompressResult:
     layout: str
     recovery: list[dict[str, Any]] = field(default_factory=list)
     report: Path | None = None
+    failures: dict[str, str] = field(default_factory=dict)  # optional stage -> what failed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +69,7 @@ class CompressResult:
             "timings": self.timings,
             "layout": self.layout,
             "recovery": self.recovery,
+            "failures": self.failures,
         }
 
 
@@ -112,6 +119,8 @@ class _Run:
     plans: list[PrunePlan] = field(default_factory=list)
     scores: list = field(default_factory=list)
     recoveries: list = field(default_factory=list)
+    eval_text: Path | str | None = None  # None: no perplexity (see core.data.resolve_eval_text)
+    failures: dict[str, str] = field(default_factory=dict)  # optional stage -> what went wrong
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -121,16 +130,33 @@ class _Run:
         """Evaluate ``model`` (default: the model being compressed) as ``stage``."""
         self.say(f"evaluating the {stage} model")
         with self.timer("evaluate"):
-            self.metrics[stage] = _evaluate(model or self.model, self.tokenizer, self)
+            found = _evaluate(model or self.model, self.tokenizer, self)
+        self.metrics[stage] = {**self.metrics.get(stage, {}), **found}
+
+    def attempt(self, stage: str, fn, *args) -> Any:
+        """Run an optional stage after pruning (evaluation, probe, report): an exception is
+        recorded in ``failures`` and the run goes on, so it never costs the compressed model;
+        :func:`compress` raises :class:`~prunekit.errors.StageFailedError` once it is saved."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- recorded, reported, raised after the save
+            self.failures[stage] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            self.say(f"{stage} failed ({self.failures[stage]}); the model is kept")
+            return None
 
 
 # ---- preflight -----------------------------------------------------------------------------
-def preflight(recipe: Recipe) -> Plugins:
+def preflight(recipe: Recipe, model: Any = None, *, gguf_file: str | None = None) -> Plugins:
     """Check plugin names, options, backend availability and text files before any model is
-    loaded, and resolve every plugin name to its object (once)."""
+    loaded, and resolve every plugin name to its object (once). With ``model`` (a model, or a
+    model directory read for its config only), also check the architecture, a quantized
+    checkpoint, sequence lengths and targets against the model's counts
+    (:func:`~prunekit.core.preflight.check_model_input`)."""
     t = recipe.targets
-    if not (t.layers or t.heads or t.neurons):
-        raise ValueError("targets: nothing to remove; give layers, heads or neurons (> 0)")
+    if not (t.layers or t.heads or t.neurons or t.attention or t.mlps):
+        raise ValueError(
+            "targets: nothing to remove; give layers, heads, neurons, attention or mlps (> 0)"
+        )
     scorers = resolve_scorers(t)  # RegistryError lists the valid scorers
     scorer_configs(t, scorers)  # scorer_options name scorers the targets use
     plugins = Plugins(scorers=scorers)
@@ -146,29 +172,27 @@ def preflight(recipe: Recipe) -> Plugins:
         plugins.quantizer = registries.quantizers.get(recipe.quantize.method)
         check_available(plugins.quantizer, "quantizer")
         plugins.quantize_config = recipe.quantize.config(plugins.quantizer)
+    if model is not None:
+        seq_lens = {"calibration.seq_len": recipe.calibration.seq_len}
+        if plugins.recovery_config is not None:
+            seq_lens["recovery.seq_len"] = getattr(plugins.recovery_config, "seq_len", None)
+        check_model_input(model, targets=t, scorers=scorers, seq_lens=seq_lens, gguf_file=gguf_file)
     _check_texts(recipe)
     return plugins
 
 
 def _check_texts(recipe: Recipe) -> None:
-    from prunekit.core.data import brown_path, wikitext2_test_path
+    from prunekit.core.data import check_source
 
-    source = recipe.calibration.source
-    if source is None:
-        brown_path()
-    elif source != "self" and Path(source).suffix and not Path(source).exists():
-        raise FileNotFoundError(f"calibration.source: {source} not found")
-    text = recipe.evaluation.text
-    if text is None:
-        wikitext2_test_path()
-    elif not Path(text).is_file():
-        raise FileNotFoundError(f"evaluation.text: {text} not found")
+    check_source(recipe.calibration.source, "calibration")
+    check_source(recipe.evaluation.text, "evaluation")
 
 
-def _eval_text(recipe: Recipe) -> Path:
-    from prunekit.core.data import wikitext2_test_path
+def _eval_text(recipe: Recipe) -> Path | str | None:
+    """The evaluation text (a file, the text itself) or None: perplexity is skipped."""
+    from prunekit.core.data import resolve_eval_text
 
-    return Path(recipe.evaluation.text) if recipe.evaluation.text else wikitext2_test_path()
+    return resolve_eval_text(recipe.evaluation.text, max_chars=recipe.evaluation.max_chars)
 
 
 # ---- the stages ------------------------------------------------------------------------------
@@ -182,6 +206,7 @@ def compress(
     gguf_file: str | None = None,
     progress: bool = True,
     sequential: bool | None = None,
+    allow_pickle: bool = False,
 ) -> CompressResult:
     """Compress a model with a recipe and save the result, the report and the evidence.
 
@@ -189,7 +214,8 @@ def compress(
     a model directory, a hub id, or a ``.gguf`` file. ``recipe``: a :class:`Recipe`, a dict,
     or a YAML/JSON file. ``sequential`` (default: ``recipe.sequential``): never build the
     model; score layer by layer from the directory's safetensors and stream the plan to the
-    output (see :mod:`prunekit.core.sequential`).
+    output (see :mod:`prunekit.core.sequential`). ``allow_pickle``: accept pickled ``.bin``
+    weights (trusted sources only).
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_file(recipe)
@@ -199,24 +225,39 @@ def compress(
         return compress_sequential(
             model_or_path, recipe, output_dir, overwrite=overwrite, progress=progress
         )
-    output_dir = check_output_dir(output_dir, overwrite)
-    plugins = preflight(recipe)
-    run = _load(model_or_path, tokenizer, gguf_file, recipe, plugins, progress)
+    output_dir = check_output_dir(output_dir, overwrite, inputs=(model_or_path,))
+    plugins = preflight(recipe, model_or_path, gguf_file=gguf_file)
+    eval_text = _eval_text(recipe)
+    source = (model_or_path, gguf_file, allow_pickle)
+    run = _load(source, tokenizer, recipe, plugins, progress)
+    run.eval_text = eval_text
     run.evaluate("dense")
     if not isinstance(model_or_path, nn.Module) and Path(model_or_path).is_dir():
         run.metrics["dense"]["size_on_disk_mb"] = weights_size_mb(model_or_path)
     with run.timer("calibration"):
         run.calib_ids = recipe.calibration.load(run.tokenizer, model=run.model)
     _prune(run)
-    run.evaluate("recovered" if plugins.recovery else "pruned")
-    probe = _probe(run.model, run.tokenizer, recipe)
+    # From here on the compressed model exists: it is saved before anything optional runs
+    # (evaluation, latency, report), and an optional stage that fails is reported, not fatal.
+    probe = run.attempt("probe", _probe, run.model, run.tokenizer, run.eval_text)
     quantized = _quantize(run)
-    return _save(run, output_dir, overwrite, quantized, probe)
+    stages = ["recovered" if plugins.recovery else "pruned"] + ["quantized"] * (
+        quantized is not None
+    )
+    for stage in stages:
+        run.metrics.setdefault(stage, {})  # the table's column order
+    result = _save(run, output_dir, overwrite, quantized, probe)
+    for stage in stages:
+        model = quantized if stage == "quantized" else None
+        run.attempt(f"evaluation of the {stage} model", run.evaluate, stage, model)
+    _finish(run, result, quantized)
+    return result
 
 
-def _load(model_or_path, tokenizer, gguf_file, recipe, plugins, progress) -> _Run:
+def _load(source, tokenizer, recipe, plugins, progress) -> _Run:
     """Load the model (unless given one), check it can be pruned, keep a dense copy when a
     stage needs one (encoder evaluation, a recovery method with a teacher)."""
+    model_or_path, gguf_file, allow_pickle = source
     timer = _Timer()
     with timer("load"):
         if isinstance(model_or_path, nn.Module):
@@ -224,11 +265,15 @@ def _load(model_or_path, tokenizer, gguf_file, recipe, plugins, progress) -> _Ru
         else:
             if progress:
                 print(f"[prunekit] loading {model_or_path}", flush=True)
-            model, tokenizer = load_model(model_or_path, gguf_file=gguf_file)
+            model, tokenizer = load_model(
+                model_or_path, gguf_file=gguf_file, allow_pickle=allow_pickle
+            )
     if tokenizer is None:
         raise ValueError("tokenizer: pass the tokenizer along with an in-memory model")
     adapter = get_adapter(model)  # unsupported architecture fails here, before any work
-    _refuse_quantized(model)
+    check_not_quantized(
+        model, "Compress the unquantized model and add --quantize (prune -> recover -> quantize)"
+    )
     model.eval()
     teacher = getattr(plugins.recovery, "uses_teacher", False)
     dense = copy.deepcopy(model) if not adapter.causal or teacher else None
@@ -240,9 +285,10 @@ def _prune(run: _Run) -> None:
     from prunekit.core.select import plan_for
 
     k = run.recipe.iterative
-    dense_counts = _counts(run.dense_shapes)
+    dense_counts = unit_counts(run.dense_shapes)
     for step in range(1, k + 1):
-        targets = _step_targets(run.recipe.targets, k, step, dense_counts, run.model)
+        shapes = get_adapter(run.model).shapes(run.model)
+        targets = step_targets(run.recipe.targets, k, step, dense_counts, shapes)
         scorers = {u: s for u, s in run.plugins.scorers.items() if getattr(targets, u)}
         tag = f" (step {step}/{k})" if k > 1 else ""
         run.say(f"scoring and selecting{tag}")
@@ -251,6 +297,8 @@ def _prune(run: _Run) -> None:
                 run.model, run.calib_ids, targets, progress=run.progress, scorers=scorers
             )
         run.scores.append(scores)
+        for note in plan.meta.get("adjusted", []):
+            run.say(f"note: {note}{tag}")
         if plan.is_empty():
             run.say(f"nothing left to remove{tag}")
             continue
@@ -266,48 +314,12 @@ def _prune(run: _Run) -> None:
         run.plans.append(plan)
         if run.plugins.recovery is not None:
             if step == k:
-                run.evaluate("pruned")
+                run.attempt("evaluation of the pruned model", run.evaluate, "pruned")
             run.recoveries.append(_recover(run, seed=run.recipe.calibration.seed + step))
     if not run.plans:
         raise ValueError(
             "targets: the selection removed nothing (targets too small for this model?)"
         )
-
-
-def _counts(shapes: list) -> dict[str, int]:
-    return {
-        "layers": len(shapes),
-        "heads": sum(s.n_heads for s in shapes),
-        "neurons": sum(s.intermediate for s in shapes),
-    }
-
-
-def _step_targets(t: Targets, k: int, step: int, dense_counts: dict[str, int], model) -> Targets:
-    """Targets for iteration ``step`` (1-based) of ``k`` (the recipe's ``iterative``).
-
-    The cumulative goal grows linearly with the step: after step s of k, a fraction s/k of
-    each target is removed. Layers are counted against the dense layer count; heads and
-    neurons as a fraction of those of the kept layers (the selection's rule), so each step asks
-    for the fraction of the *current* model that reaches the cumulative goal."""
-    if k == 1:
-        return t
-    shapes = get_adapter(model).shapes(model)
-    n_layers0 = dense_counts["layers"]
-    changes: dict[str, Any] = {}
-    for unit in ("layers", "heads", "neurons"):
-        goal = getattr(t, unit)
-        total0 = dense_counts[unit]
-        goal_frac = goal if isinstance(goal, float) else goal / total0
-        cum = goal_frac * step / k
-        if unit == "layers":
-            todo = round(cum * n_layers0) - (n_layers0 - len(shapes))
-            changes[unit] = max(todo, 0)
-            continue
-        per_layer0 = total0 / n_layers0
-        current = sum(getattr(s, "n_heads" if unit == "heads" else "intermediate") for s in shapes)
-        done = 1 - current / (per_layer0 * len(shapes))
-        changes[unit] = max(0.0, (cum - done) / (1 - done)) if done < 1 else 0.0
-    return dataclasses.replace(t, **changes)
 
 
 def _recover(run: _Run, *, seed: int):
@@ -336,7 +348,7 @@ def _recover(run: _Run, *, seed: int):
 
 
 def _quantize(run: _Run) -> nn.Module | None:
-    """The quantized model (a new one) and its evaluation, when the recipe quantizes."""
+    """The quantized model (a new one), when the recipe quantizes."""
     quantizer = run.plugins.quantizer
     if quantizer is None:
         return None
@@ -344,15 +356,13 @@ def _quantize(run: _Run) -> nn.Module | None:
 
     run.say(f"quantizing with {quantizer.name}")
     with run.timer("quantize"):
-        quantized = quantize(
+        return quantize(
             run.model,
             run.tokenizer,
             quantizer,
             run.plugins.quantize_config,
             calib_ids=run.calib_ids,
         )
-    run.evaluate("quantized", quantized)
-    return quantized
 
 
 def _save(run: _Run, output_dir: Path, overwrite: bool, quantized, probe) -> CompressResult:
@@ -389,13 +399,43 @@ def _save(run: _Run, output_dir: Path, overwrite: bool, quantized, probe) -> Com
                 save_quantized(quantized, tmp, run.tokenizer, overwrite=True, extra=sidecar)
             else:
                 save_pretrained(model, tmp, run.tokenizer, overwrite=True, extra=sidecar)
-            _save_probe(tmp, probe)
-        final_shapes = get_adapter(model).shapes(model)
-        write_report(
-            tmp, result, run.recipe, run.scores, run.recoveries, run.dense_shapes, final_shapes
-        )
-    result.report = output_dir / "report.md"
+            if probe is not None:
+                _save_probe(tmp, probe)
+    run.say(f"saved the compressed model to {output_dir}")
     return result
+
+
+def _finish(run: _Run, result: CompressResult, quantized) -> None:
+    """After the save: bring the sidecar's metrics up to date and write the report; when an
+    optional stage failed, say so in both and raise :class:`StageFailedError` (the model is
+    saved and complete either way)."""
+    out = result.output_dir
+    final_shapes = get_adapter(run.model).shapes(run.model)
+    report = (out, result, run.recipe, run.scores, run.recoveries, run.dense_shapes, final_shapes)
+    run.attempt("report", write_report, *report)
+    result.report = out / "report.md"
+    result.failures = dict(run.failures)
+    run.attempt("sidecar update", _update_sidecar, out, run)
+    if not run.failures:
+        return
+    lines = ["", "## Failed stages", "", "The compressed model was saved before these ran:", ""]
+    lines += [f"- {stage}: {why}" for stage, why in run.failures.items()]
+    with open(result.report, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write("# prunekit report\n")
+        f.write("\n".join(lines) + "\n")
+    raise StageFailedError(str(out), run.failures, result=result)
+
+
+def _update_sidecar(out: Path, run: _Run) -> None:
+    """Rewrite ``prunekit.json`` with the metrics, timings and failures known after the save
+    (atomically: a temporary file renamed over it)."""
+    path = out / SIDECAR
+    sidecar = json.loads(path.read_text(encoding="utf-8"))
+    sidecar.update(metrics=run.metrics, timings=run.timer.timings, failures=run.failures)
+    tmp = path.with_name(f".{SIDECAR}.tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -408,7 +448,7 @@ def _evaluate(model, tokenizer, run: _Run) -> dict[str, Any]:
     return evaluate(
         model,
         tokenizer,
-        text=_eval_text(run.recipe),
+        text=run.eval_text,
         dense_model=run.dense,
         latency_kwargs={name: getattr(ev, name) for name in speed},
         measure_latency=ev.latency,
@@ -417,22 +457,14 @@ def _evaluate(model, tokenizer, run: _Run) -> dict[str, Any]:
     )
 
 
-def _refuse_quantized(model: nn.Module) -> None:
-    from prunekit.core.quant_marks import is_quantized
-    from prunekit.errors import PruningPlanError
+def _probe(model, tokenizer, eval_text: Path | str | None) -> dict[str, torch.Tensor]:
+    """A few tokens of the evaluation text (the default calibration text when evaluation is
+    off) and the model's logits on them, saved with the result so that anyone can check a
+    reload gives the same numbers."""
+    from prunekit.core.data import brown_path
+    from prunekit.core.quality import read_text
 
-    if is_quantized(model):
-        raise PruningPlanError(
-            "the model is quantized; packed low-bit weights cannot be sliced. Compress the "
-            "unquantized model and add --quantize (prune -> recover -> quantize)",
-            entry="model",
-        )
-
-
-def _probe(model, tokenizer, recipe: Recipe) -> dict[str, torch.Tensor]:
-    """A few tokens of the evaluation text and the model's logits on them, saved with the
-    result so that anyone can check a reload gives the same numbers."""
-    text = _eval_text(recipe).read_text(encoding="utf-8")[:2000]
+    text, _ = read_text(brown_path() if eval_text is None else eval_text, 2000)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :PROBE_TOKENS]
     with torch.no_grad():
         out = model(input_ids=ids)

@@ -10,10 +10,10 @@ validated when built, with errors that name the field (``recovery.steps: ...``):
       layer_scorer: block_influence
       mode: uniform         # or per_layer
     iterative: 1            # score -> select -> apply (-> recover) this many times
-    calibration: {source: null, n_samples: 64, seq_len: 256, seed: 0}   # null: Brown
+    calibration: {source: null, n_samples: 64, seq_len: 256, seed: 0}   # null: Brown (bundled)
     recovery: {method: lora, steps: 100, options: {lr: 1.0e-4}}         # method null: none
     quantize: {method: torchao, options: {scheme: int8_weight_only}}    # method null: none
-    evaluation: {text: null, max_chars: 100000, context_len: 2048}      # null: WikiText-2
+    evaluation: {text: null, max_chars: 100000, context_len: 2048}      # none: no perplexity
     heal: {method: linear, options: {ridge: 1.0e-4}}   # fold a fitted map per removed run
 """
 
@@ -52,7 +52,10 @@ class CalibrationSection(Calibration):
 class EvaluationSection:
     text: str | None = field(
         default=None,
-        metadata={"help": "held-out text file for perplexity; None: WikiText-2 test"},
+        metadata={
+            "help": "held-out text for perplexity: a file/folder, a preset, a datasets spec, or "
+            "'none' (skip); None: WikiText-2 test via datasets or the local copy, else skipped"
+        },
     )
     context_len: int = field(default=2048, metadata={"help": "perplexity window (tokens)"})
     max_chars: int | None = field(
