@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters.slicing import Dim, head_rows, slice_linear
+from prunekit.adapters.subblocks import RemovedAttention, RemovedMLP
 from prunekit.core.shapes import LayerShape, config_global
 from prunekit.hookspecs import hookimpl
 
@@ -54,6 +55,9 @@ class Adapter:
     )
     #: attribute of :meth:`layer_container` that holds the ``nn.ModuleList`` of layers
     layers_attr: ClassVar[str] = "layers"
+    #: pre-norm layer attributes ``(attention, its norm, MLP, its norm)`` for sub-block removal
+    #: (a plan's ``attention`` / ``mlp``); empty: the architecture does not support it
+    subblock_attrs: ClassVar[tuple[str, str, str, str] | tuple[()]] = ()
 
     # ---- where things live (override per architecture) ---------------------------------
     def layer_container(self, model: nn.Module) -> nn.Module:
@@ -117,15 +121,51 @@ class Adapter:
 
     # ---- geometry ----------------------------------------------------------------------
     def layer_shape(self, layer: nn.Module) -> LayerShape:
-        """Read a layer's shape from its modules (not from the config)."""
-        q, k, _ = self.qkv_projections(layer)
+        """Read a layer's shape from its modules (not from the config); a removed sub-block
+        counts 0 heads / 0 neurons."""
         d = self.head_dim(layer)
+        n_heads = n_kv = 0
+        if self.has_attention(layer):
+            q, k, _ = self.qkv_projections(layer)
+            n_heads, n_kv = self.out_features(q) // d, self.out_features(k) // d
         return LayerShape(
-            n_heads=self.out_features(q) // d,
-            n_kv_heads=self.out_features(k) // d,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
             head_dim=d,
-            intermediate=self.in_features(self.neuron_output_projection(layer)),
+            intermediate=(
+                self.in_features(self.neuron_output_projection(layer)) if self.has_mlp(layer) else 0
+            ),
         )
+
+    # ---- sub-blocks --------------------------------------------------------------------
+    def has_attention(self, layer: nn.Module) -> bool:
+        return not isinstance(self.attention(layer), RemovedAttention)
+
+    def has_mlp(self, layer: nn.Module) -> bool:
+        return not (
+            self.subblock_attrs and isinstance(getattr(layer, self.subblock_attrs[2]), RemovedMLP)
+        )
+
+    def _subblock_attrs(self) -> tuple[str, str, str, str]:
+        if not self.subblock_attrs:
+            raise NotImplementedError(
+                f"the {self.name} adapter does not support removing attention/MLP sub-blocks "
+                "(pre-norm decoders do); remove whole layers instead"
+            )
+        return self.subblock_attrs  # type: ignore[return-value]
+
+    def remove_attention(self, layer: nn.Module) -> None:
+        """Replace the attention sub-block and its norm by no-ops (the residual path stays)."""
+        attn, norm, _, _ = self._subblock_attrs()
+        index = getattr(self.attention(layer), "layer_idx", getattr(layer, "layer_idx", -1))
+        setattr(layer, attn, RemovedAttention(index, self.head_dim(layer)))
+        setattr(layer, norm, nn.Identity())
+
+    def remove_mlp(self, layer: nn.Module) -> None:
+        """Replace the MLP sub-block and its norm by no-ops (the residual path stays)."""
+        _, _, mlp, norm = self._subblock_attrs()
+        setattr(layer, mlp, RemovedMLP())
+        setattr(layer, norm, nn.Identity())
 
     def shapes(self, model: nn.Module) -> list[LayerShape]:
         return [self.layer_shape(layer) for layer in self.layers(model)]
@@ -161,11 +201,15 @@ class Adapter:
         """The projections :meth:`slice_heads` and :meth:`slice_neurons` cut, with their role:
         ``"q"`` / ``"kv"`` (output side, by query / KV heads), ``"o"`` (input side, by query
         heads), ``"mlp_in"`` (output side, by neurons), ``"mlp_out"`` (input side)."""
-        q, k, v = self.qkv_projections(layer)
-        roles = [(q, "q"), *([(k, "kv"), (v, "kv")] if k is not q else [])]
-        roles.append((self.head_output_projection(layer), "o"))
-        roles += [(proj, "mlp_in") for proj in self.mlp_input_projections(layer)]
-        return [*roles, (self.neuron_output_projection(layer), "mlp_out")]
+        roles = []
+        if self.has_attention(layer):
+            q, k, v = self.qkv_projections(layer)
+            roles += [(q, "q"), *([(k, "kv"), (v, "kv")] if k is not q else [])]
+            roles.append((self.head_output_projection(layer), "o"))
+        if self.has_mlp(layer):
+            roles += [(proj, "mlp_in") for proj in self.mlp_input_projections(layer)]
+            roles.append((self.neuron_output_projection(layer), "mlp_out"))
+        return roles
 
     def state_key_roles(self, model: nn.Module) -> dict[str, tuple[int, str]]:
         """Map every per-layer state-dict key of ``model`` to ``(layer index, role)``: the
@@ -191,10 +235,17 @@ class Adapter:
 
     def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
         """Cut a freshly built layer down to ``shape`` (used by the per-layer loader)."""
+        if not shape.has_attention and self.has_attention(layer):
+            self.remove_attention(layer)
+        if not shape.has_mlp and self.has_mlp(layer):
+            self.remove_mlp(layer)
         current = self.layer_shape(layer)
         if shape.head_dim != current.head_dim:
             raise ValueError(f"head_dim {shape.head_dim} != built head_dim {current.head_dim}")
-        if (shape.n_heads, shape.n_kv_heads) != (current.n_heads, current.n_kv_heads):
+        if shape.has_attention and (shape.n_heads, shape.n_kv_heads) != (
+            current.n_heads,
+            current.n_kv_heads,
+        ):
             per_group = shape.n_heads // shape.n_kv_heads
             keep_q = [
                 g * current.group_size + i
@@ -202,13 +253,13 @@ class Adapter:
                 for i in range(per_group)
             ]
             self.slice_heads(layer, keep_q, list(range(shape.n_kv_heads)))
-        if shape.intermediate != current.intermediate:
+        if shape.has_mlp and shape.intermediate != current.intermediate:
             self.slice_neurons(layer, list(range(shape.intermediate)))
 
     # ---- config ------------------------------------------------------------------------
     def stock_expressible(self, shapes: list[LayerShape], config: Any) -> bool:
         """Whether a stock config (no per-layer overrides) can describe these shapes."""
-        if len(set(shapes)) > 1:
+        if len(set(shapes)) > 1 or not all(s.has_attention and s.has_mlp for s in shapes):
             return False
         if not shapes:
             return True
@@ -219,12 +270,29 @@ class Adapter:
         # Without an explicit head_dim the architecture derives it as hidden // n_heads.
         return s.n_heads * s.head_dim == hidden
 
-    def per_layer_overrides(self, shape: LayerShape) -> dict[str, int]:
+    def saved_config(self, config: Any) -> Any:
+        """The config written to disk for a model with ``config`` (default: ``config``
+        itself); an adapter whose stock config class rejects a uniform result returns an
+        equivalent config of a class that holds it, with its ``architectures`` set."""
+        return config
+
+    def per_layer_overrides(self, shape: LayerShape) -> dict[str, Any]:
+        """A layer's ``per_layer_config`` entry; a removed sub-block is a transformers
+        ``skip`` entry (``"attention"`` / ``"mlp"``) instead of its sizes."""
         keys = self.config_keys
-        out = {keys["n_heads"]: shape.n_heads, keys["intermediate"]: shape.intermediate}
-        if keys.get("n_kv_heads"):
-            out[keys["n_kv_heads"]] = shape.n_kv_heads
-        return out
+        out: dict[str, Any] = {}
+        if shape.has_attention:
+            out[keys["n_heads"]] = shape.n_heads
+            if keys.get("n_kv_heads"):
+                out[keys["n_kv_heads"]] = shape.n_kv_heads
+        if shape.has_mlp:
+            out[keys["intermediate"]] = shape.intermediate
+        skip = [
+            name
+            for name, kept in (("attention", shape.has_attention), ("mlp", shape.has_mlp))
+            if not kept
+        ]
+        return {**out, "skip": skip} if skip else out
 
     def rewrite_config(self, model: nn.Module, kept_layers: list[int] | None = None) -> None:
         """Make ``model.config`` describe the modules: layer count, ``layer_types`` and the
@@ -259,14 +327,14 @@ class Adapter:
             n_kv = (
                 getattr(layer_config, keys["n_kv_heads"], None) if keys.get("n_kv_heads") else None
             )
-            shapes.append(
-                LayerShape(
-                    n_heads=n_heads,
-                    n_kv_heads=n_kv or n_heads,
-                    head_dim=self.config_head_dim(config),
-                    intermediate=getattr(layer_config, keys["intermediate"]),
-                )
+            skip = set(getattr(layer_config, "skip", None) or ())
+            shape = LayerShape(
+                n_heads=n_heads,
+                n_kv_heads=n_kv or n_heads,
+                head_dim=self.config_head_dim(config),
+                intermediate=getattr(layer_config, keys["intermediate"]),
             )
+            shapes.append(shape.without(attention="attention" in skip, mlp="mlp" in skip))
         return shapes
 
     def config_shapes(self, config: Any) -> list[LayerShape]:
@@ -317,6 +385,8 @@ class DecoderAdapter(Adapter):
 
     def neuron_output_projection(self, layer):
         return layer.mlp.down_proj
+
+    subblock_attrs = ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")
 
 
 def adapter_hook(*adapters: type[Adapter]) -> Callable[[Callable[[Any], None]], None]:

@@ -128,11 +128,11 @@ def _layer_hooks(
                         a.on_layer_io(_i, x_in, x_out, state["rows"])
 
                 handles.append(layer.register_forward_hook(io_hook, with_kwargs=True))
-            for tap, projection in (
-                ("head_inputs", adapter.head_output_projection),
-                ("neuron_inputs", adapter.neuron_output_projection),
+            for tap, projection, present in (
+                ("head_inputs", adapter.head_output_projection, adapter.has_attention),
+                ("neuron_inputs", adapter.neuron_output_projection, adapter.has_mlp),
             ):
-                if wants[tap]:
+                if wants[tap] and present(layer):
                     hook = _input_hook(wants[tap], tap, i, layer)
                     handles.append(projection(layer).register_forward_pre_hook(hook))
         yield

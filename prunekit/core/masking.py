@@ -29,11 +29,18 @@ def _identity(module: nn.Module, args: tuple, kwargs: dict, output):
     return hidden
 
 
+def _zero_output(module: nn.Module, args: tuple, output):
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
 @contextlib.contextmanager
 def masked(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
     """Within the context, ``model`` behaves as if the plan's units were removed: head outputs
     are zeroed before the output projection, neuron activations are zeroed before the down
-    projection, removed layers pass their input through unchanged."""
+    projection, removed layers pass their input through unchanged, removed attention / MLP
+    sub-blocks add zero to the residual stream (the attention still fills its KV cache)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     handles = []
@@ -50,6 +57,13 @@ def masked(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
                 handles.append(proj.register_forward_pre_hook(_zero_inputs(idx)))
         for i in plan.layers:
             handles.append(layers[i].register_forward_hook(_identity, with_kwargs=True))
+        for i in plan.attention:
+            attention = adapter.attention(layers[i])
+            handles.append(attention.register_forward_hook(_zero_output))
+        for i in plan.mlp:
+            handles.append(
+                adapter.neuron_output_projection(layers[i]).register_forward_hook(_zero_output)
+            )
         yield model
     finally:
         for h in handles:

@@ -31,15 +31,21 @@ def _int_keys(mapping: dict[Any, Any], what: str) -> dict[int, list[int]]:
 @dataclass
 class PrunePlan:
     """Units to remove. ``layers``: layer indices; ``heads``: layer -> query-head indices;
-    ``neurons``: layer -> MLP neuron indices. Indices refer to the original model."""
+    ``neurons``: layer -> MLP neuron indices; ``attention`` / ``mlp``: indices of layers whose
+    attention / MLP sub-block (with its norm) is removed, the residual path kept. Indices refer
+    to the original model."""
 
     layers: list[int] = field(default_factory=list)
     heads: dict[int, list[int]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    attention: list[int] = field(default_factory=list)
+    mlp: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.layers = sorted({int(i) for i in self.layers})
+        self.attention = sorted({int(i) for i in self.attention})
+        self.mlp = sorted({int(i) for i in self.mlp})
         self.heads = _int_keys(self.heads, "heads")
         self.neurons = _int_keys(self.neurons, "neurons")
 
@@ -50,22 +56,28 @@ class PrunePlan:
             "heads": {str(k): v for k, v in self.heads.items()},
             "neurons": {str(k): v for k, v in self.neurons.items()},
         }
+        for key in ("attention", "mlp"):
+            if getattr(self, key):
+                d[key] = list(getattr(self, key))
         if self.meta:
             d["meta"] = self.meta
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
-        unknown = set(d) - {"layers", "heads", "neurons", "meta"}
+        unknown = set(d) - {"layers", "heads", "neurons", "attention", "mlp", "meta"}
         if unknown:
             raise PruningPlanError(
-                f"unknown keys {sorted(unknown)}; a plan has layers, heads, neurons, meta"
+                f"unknown keys {sorted(unknown)}; a plan has layers, heads, neurons, "
+                "attention, mlp, meta"
             )
         return cls(
             layers=d.get("layers", []),
             heads=d.get("heads", {}),
             neurons=d.get("neurons", {}),
             meta=d.get("meta", {}),
+            attention=d.get("attention", []),
+            mlp=d.get("mlp", []),
         )
 
     def to_json(self, path: str | Path | None = None, **kw: Any) -> str:
@@ -80,7 +92,13 @@ class PrunePlan:
         return cls.from_dict(read_json_object(text_or_path, "plan", PruningPlanError))
 
     def is_empty(self) -> bool:
-        return not (self.layers or any(self.heads.values()) or any(self.neurons.values()))
+        return not (
+            self.layers
+            or self.attention
+            or self.mlp
+            or any(self.heads.values())
+            or any(self.neurons.values())
+        )
 
     def summary(self) -> str:
         n_heads = sum(len(v) for v in self.heads.values())
@@ -88,6 +106,8 @@ class PrunePlan:
         return (
             f"{len(self.layers)} layers, {n_heads} heads in {len(self.heads)} layers, "
             f"{n_neurons} neurons in {len(self.neurons)} layers"
+            + (f", attention of {len(self.attention)} layers" if self.attention else "")
+            + (f", MLP of {len(self.mlp)} layers" if self.mlp else "")
         )
 
     # ---- validation --------------------------------------------------------------------
@@ -110,6 +130,7 @@ class PrunePlan:
                 f"removes all {n_layers} layers; keep at least one", entry="layers"
             )
         removed = set(self.layers)
+        self._validate_subblocks(shapes)
         head_keeps: dict[int, tuple[list[int], list[int]]] = {}
         for what, mapping in (("heads", self.heads), ("neurons", self.neurons)):
             for layer, idx in mapping.items():
@@ -140,6 +161,47 @@ class PrunePlan:
                 if what == "heads":
                     head_keeps[layer] = _gqa_keep(idx, s, entry)
         return head_keeps
+
+    def _validate_subblocks(self, shapes: list[LayerShape]) -> None:
+        """``attention`` / ``mlp``: in range, not a layer removed whole, the sub-block still
+        there, and never both sub-blocks of one layer (that is ``layers``)."""
+        n_layers = len(shapes)
+        both = {
+            i
+            for i in {*self.attention, *self.mlp}
+            if 0 <= i < n_layers
+            and not (shapes[i].has_attention and i not in self.attention)
+            and not (shapes[i].has_mlp and i not in self.mlp)
+        }
+        for what, indices, present in (
+            ("attention", self.attention, "has_attention"),
+            ("mlp", self.mlp, "has_mlp"),
+        ):
+            for i in indices:
+                entry = f"{what}[{i}]"
+                if not 0 <= i < n_layers:
+                    raise PruningPlanError(f"layer {i} out of range [0, {n_layers})", entry=entry)
+                if i in self.layers:
+                    raise PruningPlanError(
+                        f"layer {i} is removed whole by `layers`; drop this entry", entry=entry
+                    )
+                if not getattr(shapes[i], present):
+                    raise PruningPlanError(
+                        f"layer {i} has no {what} sub-block left to remove", entry=entry
+                    )
+                if i in both:
+                    raise PruningPlanError(
+                        f"leaves layer {i} with neither attention nor MLP; remove the layer "
+                        "with `layers`",
+                        entry=entry,
+                    )
+                other = self.neurons if what == "mlp" else self.heads
+                if other.get(i):
+                    raise PruningPlanError(
+                        f"layer {i} loses its {what} sub-block; drop its "
+                        f"{'neurons' if what == 'mlp' else 'heads'} entry",
+                        entry=entry,
+                    )
 
 
 def _gqa_keep(removed: list[int], s: LayerShape, entry: str) -> tuple[list[int], list[int]]:

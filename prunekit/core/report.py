@@ -12,6 +12,7 @@ from typing import Any
 
 from prunekit.core.plan import PrunePlan
 from prunekit.core.plots import drawing, plot_scores
+from prunekit.core.serving import loadable_by
 from prunekit.versions import versions
 
 #: (label, key in :func:`flat_metrics`, format) of the rows of :func:`result_table`
@@ -157,6 +158,13 @@ def _totals(dense_shapes, final_shapes) -> str:
     return "; ".join(parts) + "."
 
 
+def _loads_in(out_dir: Path) -> list[str]:
+    """The "Loads in" line: the runtimes that load the saved result (``loadable_by``)."""
+    if not (out_dir / "config.json").is_file():
+        return []
+    return [f"Loads in: {', '.join(loadable_by(out_dir))}", ""]
+
+
 def write_report(
     out_dir: Path, result, recipe, all_scores, recoveries, dense_shapes, final_shapes
 ) -> Path:
@@ -173,6 +181,7 @@ def write_report(
         "",
         f"Layout: **{result.layout}** ({loads})",
         "",
+        *_loads_in(out_dir),
         "## Before / after",
         "",
         result_table(result.metrics),

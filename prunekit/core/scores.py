@@ -5,7 +5,8 @@ round-trips through JSON.
 A scorer is a plugin (:mod:`prunekit.contracts`): ``name``, ``config_class``, ``available()``,
 plus metadata that says what it is -- never its name:
 
-- ``unit``: ``"layers"``, ``"heads"`` or ``"neurons"``;
+- ``unit``: ``"layers"``, ``"heads"``, ``"neurons"``, ``"attention"`` or ``"mlps"`` (the
+  last two: a layer's attention / MLP sub-block, scores ``[L]``);
 - ``kind``: ``"forward"`` (streams statistics from the shared capture pass: set
   ``accumulator_class`` or implement ``accumulator(ctx, config) -> Accumulator``), ``"gradient"`` (shares one forward + backward
   pass per batch with the other gradient scorers: implement ``accumulator`` with the
@@ -58,7 +59,7 @@ from prunekit.core.jsonfile import read_json_object
 from prunekit.core.shapes import LayerShape
 
 Value = torch.Tensor | list[torch.Tensor]
-_UNITS = ("layers", "heads", "neurons")
+_UNITS = ("layers", "heads", "neurons", "attention", "mlps")
 _KINDS = ("forward", "gradient", "custom")
 
 

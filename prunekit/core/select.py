@@ -48,6 +48,7 @@ import torch
 from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
 from prunekit.core.scores import Scores, get_scorer, group_sums, is_block, score
+from prunekit.core.subblocks import select_subblocks
 from prunekit.core.targets import Targets, count_of, resolve_scorers, scorer_configs
 
 
@@ -312,12 +313,18 @@ def select(
     scorers = resolve_scorers(targets) if scorers is None else scorers
     if layers is None:
         layers = select_layers(scores, targets, scorer=scorers["layers"]) if targets.layers else []
+    attention, mlp = select_subblocks(scores, targets, layers, scorers)
+    no_heads, no_neurons = [*layers, *attention], [*layers, *mlp]
     plan = PrunePlan(
         layers=layers,
-        heads=select_heads(scores, targets, layers, scorers["heads"]) if targets.heads else {},
+        heads=select_heads(scores, targets, no_heads, scorers["heads"]) if targets.heads else {},
         neurons=(
-            select_neurons(scores, targets, layers, scorers["neurons"]) if targets.neurons else {}
+            select_neurons(scores, targets, no_neurons, scorers["neurons"])
+            if targets.neurons
+            else {}
         ),
+        attention=attention,
+        mlp=mlp,
         meta={
             "targets": targets.to_dict(),
             "scorers": {unit: obj.name for unit, obj in scorers.items()},

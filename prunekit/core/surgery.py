@@ -57,6 +57,23 @@ def _slice_units(
             adapter.slice_neurons(layers[layer_idx], keep)
 
 
+def _remove_subblocks(adapter: Any, layers: nn.ModuleList, plan: PrunePlan) -> None:
+    """Replace the plan's attention / MLP sub-blocks (with their norms) by no-ops."""
+    for i in plan.attention:
+        adapter.remove_attention(layers[i])
+    for i in plan.mlp:
+        adapter.remove_mlp(layers[i])
+
+
+def _check_subblocks_supported(adapter: Any, plan: PrunePlan) -> None:
+    if (plan.attention or plan.mlp) and not adapter.subblock_attrs:
+        raise PruningPlanError(
+            f"the {adapter.name} adapter cannot remove attention/MLP sub-blocks (only pre-norm "
+            "decoders can); remove whole layers with `layers` instead",
+            entry="attention" if plan.attention else "mlp",
+        )
+
+
 def _drop_layers(adapter: Any, model: nn.Module, removed: list[int]) -> list[int]:
     """Remove layers ``removed``, renumber the rest; return the original indices kept."""
     layers = adapter.layers(model)
@@ -71,7 +88,9 @@ def _drop_layers(adapter: Any, model: nn.Module, removed: list[int]) -> list[int
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Remove the plan's layers, heads and neurons from ``model`` in place and return it.
+    """Remove the plan's layers, heads, neurons and attention / MLP sub-blocks from ``model``
+    in place and return it. A removed sub-block and its norm become no-ops (the residual path
+    stays) and the config gets a ``skip`` entry for it in ``per_layer_config``.
 
     The whole plan is validated against the model's current shapes before any tensor is
     touched; :class:`PruningPlanError` names the offending entry. Afterwards the modules and
@@ -86,8 +105,10 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     layers = adapter.layers(model)
     shapes = adapter.shapes(model)
     head_keeps = plan.validate(shapes)
+    _check_subblocks_supported(adapter, plan)
 
     _slice_units(adapter, layers, plan, shapes, head_keeps)
+    _remove_subblocks(adapter, layers, plan)
     kept = _drop_layers(adapter, model, plan.layers)
     adapter.rewrite_config(model, kept_layers=kept)
     setattr(model, PLANS_ATTR, [*applied_plans(model), copy.deepcopy(plan)])

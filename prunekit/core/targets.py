@@ -18,6 +18,8 @@ from prunekit.core.scores import get_scorer, is_block
 
 MODES = ("uniform", "per_layer")
 HEAD_REMOVALS = ("groups", "per_group")
+#: what a target can remove: whole layers, heads, neurons, attention / MLP sub-blocks
+UNITS = ("layers", "heads", "neurons", "attention", "mlps")
 
 
 def _check_amount(name: str, value: Any) -> None:
@@ -46,6 +48,13 @@ class Targets:
         default=0,
         metadata={"help": "MLP neurons to remove (of the kept layers): fraction or count"},
     )
+    attention: float | int = field(
+        default=0,
+        metadata={"help": "attention sub-blocks to remove: fraction of the layers or count"},
+    )
+    mlps: float | int = field(
+        default=0, metadata={"help": "MLP sub-blocks to remove: fraction of the layers or count"}
+    )
     layer_scorer: str = field(default="block_influence", metadata={"help": "layer scorer"})
     head_scorer: str = field(default="taylor", metadata={"help": "head scorer"})
     neuron_scorer: str = field(
@@ -55,6 +64,10 @@ class Targets:
             "'taylor' -> 'neuron_taylor', 'magnitude' -> 'neuron_magnitude')"
         },
     )
+    attention_scorer: str = field(
+        default="attention_influence", metadata={"help": "attention sub-block scorer"}
+    )
+    mlp_scorer: str = field(default="mlp_influence", metadata={"help": "MLP sub-block scorer"})
     protect_first: int = field(default=1, metadata={"help": "first layers never removed"})
     protect_last: int = field(default=1, metadata={"help": "last layers never removed"})
     min_heads: int = field(default=1, metadata={"help": "query heads every layer keeps (>= 1)"})
@@ -90,7 +103,7 @@ class Targets:
     def __post_init__(self, iterative_layers: int | None = None) -> None:
         if iterative_layers is not None:
             self.layer_steps = iterative_layers
-        for name in ("layers", "heads", "neurons"):
+        for name in UNITS:
             _check_amount(name, getattr(self, name))
         for name in ("protect_first", "protect_last"):
             v = getattr(self, name)
@@ -106,7 +119,7 @@ class Targets:
             raise ValueError(
                 f"head_removal must be one of {HEAD_REMOVALS}, got {self.head_removal!r}"
             )
-        for name in ("layer_scorer", "head_scorer", "neuron_scorer"):
+        for name in [self.scorer_field(u) for u in UNITS]:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a scorer name")
         if self.layer_steps > 1 and self.contiguous:
@@ -130,9 +143,14 @@ class Targets:
             raise ValueError(f"unknown target keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
+    @staticmethod
+    def scorer_field(unit: str) -> str:
+        """The field naming the scorer of ``unit`` (``"mlps"`` -> ``"mlp_scorer"``)."""
+        return f"{unit.rstrip('s')}_scorer"
+
     def scorer_name(self, unit: str) -> str:
         """The scorer name this target gives for ``unit`` (as written, not resolved)."""
-        return getattr(self, f"{unit.rstrip('s')}_scorer")
+        return getattr(self, self.scorer_field(unit))
 
 
 def resolve_scorers(targets: Targets) -> dict[str, Any]:
@@ -141,7 +159,7 @@ def resolve_scorers(targets: Targets) -> dict[str, Any]:
     and availability, and a block scorer refused with ``layer_steps > 1``."""
     out = {
         unit: get_scorer(targets.scorer_name(unit), unit)
-        for unit in ("layers", "heads", "neurons")
+        for unit in UNITS
         if getattr(targets, unit)
     }
     if "layers" in out and targets.layer_steps > 1 and is_block(out["layers"]):
@@ -202,6 +220,7 @@ def count_of(amount: float | int, total: int) -> int:
 __all__ = [
     "HEAD_REMOVALS",
     "MODES",
+    "UNITS",
     "Targets",
     "count_of",
     "parse_amount",
