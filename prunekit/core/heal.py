@@ -167,18 +167,15 @@ class HealAccumulator(Accumulator):
 
     taps = frozenset({"layer_io", "neuron_inputs"})
 
-    def __init__(
-        self, adapter, prev: dict[Run, int], sample_fraction: float = 0, normalize: bool = False
-    ):
+    def __init__(self, adapter, prev: dict[Run, int], sample_fraction: float = 0):
         self.adapter = adapter
-        self.normalize = normalize
         self.prev = dict(prev)
         self.stats: dict[Run, RunStats] = {}
         self.grams: dict[int, torch.Tensor] = {}  # p -> Σ M_pᵀ M_p, shared by its runs
         self.before = set(self.prev.values())
         self.mlp_out: dict[int, torch.Tensor] = {}  # p -> M_p of the current batch
         self.added: set[int] = set()  # p whose Gram already has the current batch
-        self.resid: dict[Run, tuple[torch.Tensor, ...]] = {}  # run -> (M_p, h_p, weight)
+        self.resid: dict[Run, tuple[torch.Tensor, torch.Tensor]] = {}  # run -> (M_p, h_p)
         self.sample_fraction = sample_fraction
         self.rng = random.Random(0)
 
@@ -189,12 +186,11 @@ class HealAccumulator(Accumulator):
     def on_layer_io(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor, rows: slice) -> None:
         for run, p in self.prev.items():
             if run[0] == i:
-                x, m = _flat64(x_in), self.mlp_out[p]
-                w = 1 / x.norm(dim=1, keepdim=True).clamp(min=1e-12) if self.normalize else 1.0
-                self.resid[run] = (m * w, (x - m) * w, w)
+                m = self.mlp_out[p]
+                self.resid[run] = (m, _flat64(x_in) - m)
             if run[1] == i:
-                m, h, w = self.resid.pop(run)
-                self._add(run, p, m, h, _flat64(x_out) * w)
+                m, h = self.resid.pop(run)
+                self._add(run, p, m, h, _flat64(x_out))
 
     def _add(self, run: Run, p: int, m: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
         d = m.shape[1]
@@ -239,19 +235,17 @@ def accumulate_run_stats(
     *,
     removed: Sequence[int] = (),
     sample_tokens: int = 0,
-    normalize: bool = False,
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict[Run, RunStats]:
     """One forward pass over ``calib_ids`` accumulating :class:`RunStats` for every run (and a
-    uniform subsample of about ``sample_tokens`` tokens per run when it is positive;
-    ``normalize``: rows weighted by ``1 / ‖x_t‖``, see :func:`fit_linear_heal`).
+    uniform subsample of about ``sample_tokens`` tokens per run when it is positive).
 
     ``removed``: layers already taken out (masked during the pass); a run's regressor is then
     the MLP output of the last kept layer before it (:func:`preceding_kept`)."""
     fraction = min(1.0, sample_tokens / max(1, calib_ids.numel()))
     prev = {tuple(r): preceding_kept(r[0], removed) for r in runs}
-    acc = HealAccumulator(get_adapter(model), prev, fraction, normalize)
+    acc = HealAccumulator(get_adapter(model), prev, fraction)
     with masked(model, PrunePlan(layers=sorted(set(removed)))):
         capture(model, calib_ids, [acc], batch_size=batch_size, progress=progress)
     return acc.result()
@@ -282,7 +276,6 @@ def fit_linear_heal(
     ridge: float = 1e-4,
     objective: str = "lstsq",
     sequential: bool = True,
-    normalize: bool = False,
     batch_size: int = 8,
     progress: bool = False,
     cosine_tokens: int = 8192,
@@ -298,10 +291,7 @@ def fit_linear_heal(
     ``sequential`` (several runs): each run is fitted on the model whose earlier runs are
     already healed and removed, so its target is what the healed model will really compute
     (one pass per run; the model is restored afterwards); ``False`` fits every run on the dense
-    model in one pass, as ReplaceMe does. ``normalize``: weight every token by ``1 / ‖x_t‖``,
-    the norm of the run's input, so that the fit minimises each token's error relative to its
-    own scale (the next RMSNorm divides by that scale) instead of being dominated by the few
-    tokens with massive activations.
+    model in one pass, as ReplaceMe does.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -319,7 +309,6 @@ def fit_linear_heal(
         return maps
 
     kw = {"batch_size": batch_size, "progress": progress, "sample_tokens": sample}
-    kw["normalize"] = normalize
     if not sequential or len(runs) < 2:
         return solve(accumulate_run_stats(model, calib_ids, runs, **kw)) if runs else {}
     maps: dict[Run, torch.Tensor] = {}
@@ -396,10 +385,6 @@ class HealConfig:
         default=True,
         metadata={"help": "fit each run on the model with the earlier runs already healed"},
     )
-    normalize: bool = field(
-        default=False,
-        metadata={"help": "weight each token by 1/‖x‖ (its error relative to its own scale)"},
-    )
 
     def __post_init__(self) -> None:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
@@ -410,12 +395,7 @@ class HealConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "ridge": self.ridge,
-            "objective": self.objective,
-            "sequential": self.sequential,
-            "normalize": self.normalize,
-        }
+        return {"ridge": self.ridge, "objective": self.objective, "sequential": self.sequential}
 
 
 class LinearHeal:
@@ -439,7 +419,6 @@ class LinearHeal:
             ridge=config.ridge,
             objective=config.objective,
             sequential=config.sequential,
-            normalize=config.normalize,
         )
         apply_linear_heal(model, maps)
         return maps
