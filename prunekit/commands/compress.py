@@ -183,15 +183,8 @@ def _heal_flags(group) -> None:
     _option_flag(group, "--heal-opt", "a healing option (repeatable): ridge, objective, sequential")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "compress",
-        help="score, prune, [recover], [quantize], evaluate and save a model, with a report",
-    )
-    p.add_argument("model", help="model directory, hub id, or .gguf file")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--recipe", help="recipe YAML/JSON; flags below override its fields")
-    g = p.add_argument_group("targets (fraction in [0, 1) or count)")
+def _unit_flags(g) -> None:
+    """What to remove (``--layers`` ... ``--mlps``) and the scorer of each unit."""
     g.add_argument("--layers", help="layers to remove")
     g.add_argument("--heads", help="query heads to remove")
     g.add_argument("--neurons", help="MLP neurons to remove")
@@ -204,6 +197,27 @@ def add_parser(sub) -> None:
     g.add_argument("--neuron-scorer", help="e.g. activation_frequency, wanda, magnitude")
     g.add_argument("--attention-scorer", help="e.g. attention_influence")
     g.add_argument("--mlp-scorer", help="e.g. mlp_influence")
+
+
+def _resume_flag(p) -> None:
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the scores that an earlier, failed run of the same model and recipe kept "
+        "in .OUTPUT.cache beside the output (removed once a run saves its model)",
+    )
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="score, prune, [recover], [quantize], evaluate and save a model, with a report",
+    )
+    p.add_argument("model", help="model directory, hub id, or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--recipe", help="recipe YAML/JSON; flags below override its fields")
+    g = p.add_argument_group("targets (fraction in [0, 1) or count)")
+    _unit_flags(g)
     g.add_argument(
         "--mode",
         choices=("uniform", "per_layer"),
