@@ -8,9 +8,10 @@ plus metadata that says what it is -- never its name:
 - ``unit``: ``"layers"``, ``"heads"``, ``"neurons"``, ``"attention"`` or ``"mlps"`` (the
   last two: a layer's attention / MLP sub-block, scores ``[L]``);
 - ``kind``: ``"forward"`` (streams statistics from the shared capture pass: set
-  ``accumulator_class`` or implement ``accumulator(ctx, config) -> Accumulator``), ``"gradient"`` (shares one forward + backward
-  pass per batch with the other gradient scorers: implement ``accumulator`` with the
-  ``"gradients"`` tap and ``params(model, adapter) -> list[Parameter]``), or ``"custom"``
+  ``accumulator_class`` or implement ``accumulator(ctx, config) -> Accumulator``),
+  ``"gradient"`` (shares one forward + backward pass per batch with the other gradient
+  scorers: implement ``accumulator`` with the ``"gradients"`` tap and
+  ``params(model, adapter) -> list[Parameter]``), or ``"custom"``
   (implement ``run(model, samples, ctx, config, *, batch_size, progress) -> Tensor``);
 - ``block``: the selection removes one contiguous block of layers (angular distance);
 - ``sequential_ok``: whether it runs in sequential (layer-by-layer) mode;
