@@ -59,6 +59,15 @@ class OutputExistsError(PrunekitError, FileExistsError):
         )
 
 
+class OutputPathError(PrunekitError, ValueError):
+    """An output path that cannot be written safely: it is, contains or lies inside the input,
+    or holds files that are not a model or prunekit output."""
+
+    def __init__(self, path: str, why: str):
+        self.path, self.why = path, why
+        super().__init__(f"output {path} {why}")
+
+
 class UnsafeCheckpointError(PrunekitError, ValueError):
     """A checkpoint stores pickled weights (``.bin``/``.pt``), which can run arbitrary code."""
 

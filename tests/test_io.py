@@ -27,6 +27,7 @@ from prunekit import (
     load_pretrained,
     save_pretrained,
 )
+from prunekit.errors import OutputPathError
 
 UNIFORM = {
     "llama": PrunePlan(
@@ -127,9 +128,15 @@ def test_existing_output_is_refused_and_kept(tmp_path):
         save_pretrained(model, out)
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left behind
+    # --overwrite replaces only a model/prunekit output, never unrelated files (issue 13)
+    with pytest.raises(OutputPathError, match="precious.txt"):
+        save_pretrained(model, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    (out / "config.json").write_text("{}")
     save_pretrained(model, out, overwrite=True)
-    assert not (out / "precious.txt").exists()
-    assert (out / "config.json").exists()
+    assert (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_failed_save_writes_nothing(tmp_path):
@@ -241,15 +248,18 @@ def test_weights_size_mb(tmp_path):
     assert weights_size_mb(tmp_path / "tokenizer.json") == 1.0
 
 
-def test_llama_head_count_not_dividing_hidden_saves_per_layer(ids, tmp_path):
+def test_llama_head_count_not_dividing_hidden_saves_as_mistral(ids, tmp_path):
     """LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit
-    head_dim: 3 heads in every layer (hidden 64) must be saved in the per-layer format."""
+    head_dim: 3 heads in every layer (hidden 64) are saved as the equivalent stock Mistral
+    (issue 13; the per-layer format stays for Llamas with biases, see test_head_counts)."""
     plan = PrunePlan(heads={i: [0, 1, 2, 3, 4] for i in range(5)})
     model = apply_plan(tiny_model("llama"), plan)
     assert {s.n_heads for s in get_adapter(model).shapes(model)} == {3}
-    assert model.config.is_heterogeneous
+    assert not model.config.is_heterogeneous
     out = save_pretrained(model, tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mistral"
     reloaded, _ = load_pretrained(out, attn_implementation="eager")
+    assert type(reloaded).__name__ == "MistralForCausalLM"
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
 
 
@@ -261,3 +271,41 @@ def test_sidecar_extra_may_read_the_written_directory(tmp_path):
     sidecar = json.loads((out / "prunekit.json").read_text())
     assert sidecar["mb"] == weights_size_mb(out) > 0
     assert sidecar["plans"] == [PrunePlan(layers=[0]).to_dict()]
+
+
+def test_output_guards_compare_with_the_input(tmp_path):
+    from prunekit.core.io import check_output_dir
+
+    src = tmp_path / "nest" / "input"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    for out in (src, src.parent, src / "pruned"):
+        with pytest.raises(OutputPathError, match="input"):
+            check_output_dir(out, overwrite=True, inputs=(str(src),))
+    assert check_output_dir(tmp_path / "o", inputs=(src, "hub/id")) == tmp_path / "o"
+
+
+def test_stale_temporaries_are_removed(tmp_path, capsys):
+    from prunekit.core.io import AtomicDir
+
+    stale = tmp_path / ".out.tmp-dead"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"0")
+    with AtomicDir(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists()
+    assert ".out.tmp-dead" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sigterm_removes_the_temporary_directory(tmp_path):
+    import os
+    import signal
+
+    from prunekit.core.io import AtomicDir
+
+    with pytest.raises(KeyboardInterrupt), AtomicDir(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -12,6 +12,11 @@ from prunekit.commands.placement import add_device_args, device_kwargs
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory, hub id, or .gguf file")
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
+    add_allow_pickle(p)
+
+
+def add_allow_pickle(p: argparse.ArgumentParser) -> None:
+    """``--allow-pickle`` for every command that loads a model."""
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted only)"
     )
@@ -80,7 +85,7 @@ def run_apply(args: argparse.Namespace) -> int:
     from prunekit import PrunePlan
     from prunekit.core.io import check_output_dir
 
-    check_output_dir(args.output, args.overwrite)  # before the (slow) load
+    check_output_dir(args.output, args.overwrite, inputs=(args.model,))  # before the load
     plan = PrunePlan.from_json(args.plan)
     _validate_plan_early(args, plan)
     placement = device_kwargs(args)

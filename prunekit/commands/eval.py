@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prunekit.commands.apply import add_allow_pickle
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -17,9 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model directory (uniform or per-layer), hub id, or .gguf file")
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
-    p.add_argument(
-        "--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted only)"
-    )
+    add_allow_pickle(p)
     p.add_argument(
         "--text",
         help="held-out text file (e.g. WikiText-2 test); decoders: perplexity, "

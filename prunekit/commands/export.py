@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"{args.model} is not a model directory (no config.json)")
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=(args.model,))
     out = export_decilm(
         args.model, args.output, overwrite=args.overwrite, require_ffn_mult=args.require_ffn_mult
     )

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from prunekit.commands.apply import add_allow_pickle
+
 
 def _amount(text: str) -> float | int:
     from prunekit.core.targets import parse_amount
@@ -25,6 +27,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("model", help="model directory, hub id, or .gguf file")
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
+    add_allow_pickle(p)
     p.add_argument(
         "--calib",
         default=None,
@@ -155,7 +158,9 @@ def _load(args: argparse.Namespace):
     else:
         from prunekit.core.io import load_model
 
-        model, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+        model, tokenizer = load_model(
+            args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle
+        )
     if args.calib == "self" and lazy:
         raise ValueError("--calib self generates text with the model: drop --sequential")
     samples = load_calibration(

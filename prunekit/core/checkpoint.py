@@ -4,6 +4,7 @@ file headers (``prunekit info``, ``dtype="auto"``, streaming surgery)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -55,10 +56,28 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
 
 def _header(path: str | Path) -> tuple[dict[str, Any], int]:
-    """The header and the byte offset at which the tensor data begins."""
+    """The header and the byte offset at which the tensor data begins; a file that is not
+    safetensors, or is truncated, raises :class:`ModelLoadError` naming it."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(
+            f"{path} is not a valid safetensors file (unreadable header); re-download or "
+            "re-save the model"
+        )
+    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(
+            f"{path} is truncated ({size} bytes, its header needs {8 + n + end}); re-download "
+            "or re-save the model"
+        )
+    return header, 8 + n
 
 
 def checkpoint_tensors(directory: str | Path) -> dict[str, TensorInfo]:

@@ -170,7 +170,7 @@ def export_decilm(
         config = decilm_config(json.loads((src / "config.json").read_text()), ffn_mult=ffn_mult)
         if require_ffn_mult:
             _check_ffn_mult(config)
-        with AtomicDir(out, overwrite) as tmp:
+        with AtomicDir(out, overwrite, inputs=(model_dir_or_model,)) as tmp:
             for f in src.iterdir():
                 if f.is_file() and f.name not in _OWN_FILES:
                     shutil.copy2(f, tmp / f.name)

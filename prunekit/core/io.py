@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,12 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.core.checkpoint import read_header
 from prunekit.core.devices import check_device_map, resolve_device, resolve_dtype
+from prunekit.core.jsonfile import read_json_object
+from prunekit.core.outdir import AtomicDir as AtomicDir  # re-exported: the output guards
+from prunekit.core.outdir import check_output_dir as check_output_dir
+from prunekit.core.outdir import input_paths as input_paths
 from prunekit.core.plan import PrunePlan
 from prunekit.core.serving import loadable_by, write_remote_code
 from prunekit.core.shapes import LayerShape
 from prunekit.core.surgery import applied_plans
-from prunekit.errors import ModelLoadError, OutputExistsError, UnsafeCheckpointError
+from prunekit.errors import ModelLoadError, UnsafeCheckpointError
 from prunekit.plugins import get_adapter
 from prunekit.versions import versions
 
@@ -29,44 +33,6 @@ SIDECAR = "prunekit.json"
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _WEIGHT_SUFFIXES = (".safetensors", *_PICKLE_SUFFIXES)
-
-
-# ---- output directories -----------------------------------------------------------------
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Fail early if ``out_dir`` cannot be written to without losing anything."""
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(str(out))
-        if any(out.iterdir()) and not overwrite:
-            raise OutputExistsError(str(out))
-    return out
-
-
-class AtomicDir:
-    """Write into a temporary sibling directory; move it onto ``out_dir`` only on success."""
-
-    def __init__(self, out_dir: str | Path, overwrite: bool = False):
-        self.out = check_output_dir(out_dir, overwrite)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        backup = None
-        if self.out.exists():
-            backup = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
-            self.out.rename(backup)
-        self.tmp.rename(self.out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -163,12 +129,14 @@ def save_pretrained(
     (:func:`build_sidecar`) records ``plans``, by default ``model.prunekit_plans``, and
     ``extra`` (a callable is called with the directory once the weights are in it).
     """
-    get_adapter(model)  # an unsupported architecture fails before anything is written
+    adapter = get_adapter(model)  # an unsupported architecture fails before anything is written
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("model has parameters on the meta device; load its weights first")
     sidecar = build_sidecar(model, plans=plans, extra=None if callable(extra) else extra)
-    with AtomicDir(out_dir, overwrite) as tmp, global_access(model.config):
-        model.save_pretrained(tmp)
+    saved = adapter.saved_config(model.config)  # e.g. a Llama head count as Mistral
+    with AtomicDir(out_dir, overwrite, inputs=(model,)) as tmp, global_access(model.config):
+        with _config_swapped(model, saved, tmp / "config.json"):
+            model.save_pretrained(tmp)
         _strip_config_key(tmp / "config.json", "allow_global_per_layer_attribute_access")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -180,6 +148,25 @@ def save_pretrained(
     return Path(out_dir)
 
 
+@contextlib.contextmanager
+def _config_swapped(model: nn.Module, config: Any, written: Path) -> Iterator[None]:
+    """Save ``model`` under ``config`` (same tensors, another stock class): transformers
+    writes ``architectures`` from the Python class, so the config's own is put back into the
+    ``written`` config.json."""
+    if config is model.config:
+        yield
+        return
+    own, architectures = model.config, list(config.architectures)
+    model.config = config
+    try:
+        yield
+    finally:
+        model.config = own
+    data = json.loads(written.read_text())
+    data["architectures"] = architectures
+    written.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _strip_config_key(path: Path, key: str) -> None:
     data = json.loads(path.read_text())
     if data.pop(key, None) is not None:
@@ -189,6 +176,8 @@ def _strip_config_key(path: Path, key: str) -> None:
 # ---- load --------------------------------------------------------------------------------
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     safetensors = sorted(path.glob("*.safetensors"))
+    for f in safetensors:
+        read_header(f)  # a garbage or truncated file fails here, named, before any load
     if safetensors:
         return safetensors
     pickled = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -229,14 +218,21 @@ def _check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
 
 
+def raw_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of the model directory ``path`` as a dict; a file that is not valid
+    JSON raises :class:`ModelLoadError` naming it."""
+    path = Path(path)
+    _check_model_dir(path)
+    return read_json_object(path / "config.json", "config", ModelLoadError)
+
+
 def read_config(path: str | Path) -> Any:
     """The config of a model directory, per-layer overrides included, without loading weights
     (transformers' validators reject a per-layer config read through ``AutoConfig``)."""
     from transformers import AutoConfig
 
     path = Path(path)
-    _check_model_dir(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = raw_config(path)
     overrides = raw.pop("per_layer_config", None)
     if not overrides:
         return AutoConfig.from_pretrained(path)
@@ -255,8 +251,7 @@ def meta_skeleton(
     from transformers import AutoConfig
 
     path = Path(path)
-    _check_model_dir(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = raw_config(path)
     overrides = {int(k): v for k, v in (raw.pop("per_layer_config", None) or {}).items()}
     if overrides:
         # transformers' config validators read global head counts, which a per-layer config
@@ -302,7 +297,7 @@ def load_pretrained(
     dtype = resolve_dtype(dtype, path)
     device = resolve_device(device) if device is not None else None
     check_device_map(device_map, max_memory)
-    if not json.loads((path / "config.json").read_text()).get("per_layer_config"):
+    if not raw_config(path).get("per_layer_config"):
         config = read_config(path)
         adapter = get_adapter(config)
         placement = {"": device} if device is not None and device_map is None else device_map

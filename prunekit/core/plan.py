@@ -8,6 +8,8 @@ are removed by the same plan.
 from __future__ import annotations
 
 import json
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,40 @@ from prunekit.core.shapes import LayerShape
 from prunekit.errors import PruningPlanError
 
 
-def _int_keys(mapping: dict[Any, Any], what: str) -> dict[int, list[int]]:
+def _index(value: Any, entry: str) -> int:
+    """An integer index (ints, numpy/torch integers); ``1.7``, ``"1"`` and ``True`` are
+    errors, never silently truncated."""
+    if isinstance(value, bool):
+        raise PruningPlanError(f"{value!r} is not an integer index", entry=entry)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise PruningPlanError(f"{value!r} is not an integer index", entry=entry) from None
+
+
+def _index_list(values: Any, entry: str) -> list[int]:
+    if values is None:
+        return []
+    if isinstance(values, str | bytes | dict) or not isinstance(values, Iterable):
+        raise PruningPlanError(f"expected a list of integer indices, got {values!r}", entry=entry)
+    return sorted({_index(v, entry) for v in values})
+
+
+def _int_keys(mapping: Any, what: str) -> dict[int, list[int]]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise PruningPlanError(
+            f"expected an object {{layer: [indices]}}, got {mapping!r}", entry=what
+        )
     out: dict[int, list[int]] = {}
-    for key, values in (mapping or {}).items():
-        try:
+    for key, values in mapping.items():
+        layer = key
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             layer = int(key)
-        except (TypeError, ValueError):
-            raise PruningPlanError(f"layer key {key!r} is not an integer", entry=what) from None
-        out[layer] = sorted({int(v) for v in values})
+        if isinstance(layer, str | float | bool) or not isinstance(layer, int):
+            raise PruningPlanError(f"layer key {key!r} is not an integer", entry=what)
+        out[layer] = _index_list(values, f"{what}[{key}]")
     return dict(sorted(out.items()))
 
 
@@ -43,9 +71,11 @@ class PrunePlan:
     mlp: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.layers = sorted({int(i) for i in self.layers})
-        self.attention = sorted({int(i) for i in self.attention})
-        self.mlp = sorted({int(i) for i in self.mlp})
+        self.layers = _index_list(self.layers, "layers")
+        self.attention = _index_list(self.attention, "attention")
+        self.mlp = _index_list(self.mlp, "mlp")
+        if not isinstance(self.meta, dict):
+            raise PruningPlanError(f"expected an object, got {self.meta!r}", entry="meta")
         self.heads = _int_keys(self.heads, "heads")
         self.neurons = _int_keys(self.neurons, "neurons")
 

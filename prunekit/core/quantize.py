@@ -355,7 +355,7 @@ def save_quantized(
         )
     adapter = get_adapter(model)
     staged = model.__dict__.get(QUANTIZED_DIR_ATTR)
-    with AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite, inputs=(model,)) as tmp:
         if staged is not None:
             copy_files(Path(staged), tmp, skip=TOKENIZER_FILES if tokenizer else ())
         else:
