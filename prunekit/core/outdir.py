@@ -33,6 +33,8 @@ _OUTPUT_NAMES = frozenset(
         "spiece.model",
         "chat_template.jinja",
         ".gitattributes",
+        ".cache",  # huggingface-cli download --local-dir
+        "quant_log.csv",  # GPTQModel
     }
 )
 _OUTPUT_SUFFIXES = (".safetensors", ".json", ".py")
