@@ -102,6 +102,19 @@ class PluginUnavailableError(PrunekitError, RuntimeError):
         super().__init__(f"{kind} {name!r} is not usable here: {why}")
 
 
+class StageFailedError(PrunekitError, RuntimeError):
+    """An optional stage after pruning (evaluation, latency, plots, report) failed; the
+    compressed model was saved first and is complete. ``failures``: stage -> what went wrong;
+    ``result``: the :class:`~prunekit.core.pipeline.CompressResult`. CLI exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, output: str, failures: dict[str, str], result: object = None):
+        self.output, self.failures, self.result = output, dict(failures), result
+        what = "; ".join(f"{stage} failed ({why})" for stage, why in self.failures.items())
+        super().__init__(f"the compressed model was saved to {output}, but {what}; see report.md")
+
+
 class ExportError(PrunekitError, ValueError):
     """A model cannot be written in a serving format; ``problems`` lists what does not fit."""
 

@@ -142,6 +142,7 @@ def run_compress(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         gguf_file=args.gguf_file,
         allow_pickle=args.allow_pickle,
+        resume=args.resume,
     )
     _print_result(result)
     return 0
@@ -274,6 +275,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    _resume_flag(p)
     add_allow_pickle(p)
     p.set_defaults(func=run_compress)
 

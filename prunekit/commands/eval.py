@@ -59,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
     from prunekit.core.evaluate import evaluate
     from prunekit.core.io import load_model
+    from prunekit.core.preflight import check_model_input
     from prunekit.core.report import result_table
+
+    # from the configs alone, before any weight is read
+    check_model_input(args.model, gguf_file=args.gguf_file, quantized_ok=True)
+    if args.dense is not None:
+        check_model_input(args.dense, quantized_ok=True)
 
     from prunekit.commands.placement import device_kwargs
 

@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plots:
         check_output_dir(args.plots, overwrite=True)
     targets, used = _targets(args, scorers)
+    _preflight(args, targets, used)
     model, samples = _load(args)
     scores = score(
         model,
@@ -142,6 +143,22 @@ def run(args: argparse.Namespace) -> int:
     plan = select(scores, targets, scorers=used) if removes else None
     _report(args, scores, plan, targets, samples)
     return 0
+
+
+def _preflight(args: argparse.Namespace, targets, used: dict[str, Any]) -> None:
+    """From the config and the calibration source alone (no weights read): the model, the
+    drawn plan's targets and --seq-len fit, the calibration text exists and is not empty."""
+    from prunekit.core.data import check_source
+    from prunekit.core.preflight import check_model_input
+
+    check_model_input(
+        args.model,
+        targets=targets,
+        scorers=used,
+        seq_lens={"--seq-len": args.seq_len},
+        gguf_file=args.gguf_file,
+    )
+    check_source(args.calib, "calibration")
 
 
 def _load(args: argparse.Namespace):

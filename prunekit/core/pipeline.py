@@ -37,14 +37,14 @@ from prunekit.core.io import (
 )
 from prunekit.core.plan import PrunePlan
 from prunekit.core.preflight import check_model_input
+from prunekit.core.probe import probe_outputs, save_probe
 from prunekit.core.recipe import Recipe
 from prunekit.core.report import write_report
+from prunekit.core.resume import ScoreCache
 from prunekit.core.surgery import apply_plan, check_not_quantized
 from prunekit.core.targets import resolve_scorers, scorer_configs, step_targets, unit_counts
 from prunekit.errors import StageFailedError
 from prunekit.plugins import get_adapter, get_plugins
-
-PROBE_TOKENS = 16
 
 
 @dataclass
@@ -121,6 +121,8 @@ class _Run:
     recoveries: list = field(default_factory=list)
     eval_text: Path | str | None = None  # None: no perplexity (see core.data.resolve_eval_text)
     failures: dict[str, str] = field(default_factory=dict)  # optional stage -> what went wrong
+    cache: ScoreCache | None = None  # each step's scores, kept for --resume
+    resume: bool = False
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -207,6 +209,7 @@ def compress(
     progress: bool = True,
     sequential: bool | None = None,
     allow_pickle: bool = False,
+    resume: bool = False,
 ) -> CompressResult:
     """Compress a model with a recipe and save the result, the report and the evidence.
 
@@ -215,7 +218,10 @@ def compress(
     or a YAML/JSON file. ``sequential`` (default: ``recipe.sequential``): never build the
     model; score layer by layer from the directory's safetensors and stream the plan to the
     output (see :mod:`prunekit.core.sequential`). ``allow_pickle``: accept pickled ``.bin``
-    weights (trusted sources only).
+    weights (trusted sources only). ``resume``: reuse the scores that an earlier, failed run
+    of the same model and recipe kept beside the output (:mod:`prunekit.core.resume`). An
+    optional stage after pruning that fails (evaluation, report) raises
+    :class:`~prunekit.errors.StageFailedError` once the model is saved.
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_file(recipe)
@@ -231,6 +237,7 @@ def compress(
     source = (model_or_path, gguf_file, allow_pickle)
     run = _load(source, tokenizer, recipe, plugins, progress)
     run.eval_text = eval_text
+    run.cache, run.resume = ScoreCache(output_dir, model_or_path, recipe), resume
     run.evaluate("dense")
     if not isinstance(model_or_path, nn.Module) and Path(model_or_path).is_dir():
         run.metrics["dense"]["size_on_disk_mb"] = weights_size_mb(model_or_path)
@@ -239,14 +246,14 @@ def compress(
     _prune(run)
     # From here on the compressed model exists: it is saved before anything optional runs
     # (evaluation, latency, report), and an optional stage that fails is reported, not fatal.
-    probe = run.attempt("probe", _probe, run.model, run.tokenizer, run.eval_text)
+    probe = run.attempt("probe", probe_outputs, run.model, run.tokenizer, run.eval_text)
     quantized = _quantize(run)
-    stages = ["recovered" if plugins.recovery else "pruned"] + ["quantized"] * (
-        quantized is not None
-    )
+    stages = ["recovered" if plugins.recovery else "pruned"]
+    stages += ["quantized"] if quantized is not None else []
     for stage in stages:
         run.metrics.setdefault(stage, {})  # the table's column order
     result = _save(run, output_dir, overwrite, quantized, probe)
+    run.cache.clear()
     for stage in stages:
         model = quantized if stage == "quantized" else None
         run.attempt(f"evaluation of the {stage} model", run.evaluate, stage, model)
@@ -282,8 +289,6 @@ def _load(source, tokenizer, recipe, plugins, progress) -> _Run:
 
 def _prune(run: _Run) -> None:
     """``recipe.iterative`` rounds of score -> select -> apply (-> recover)."""
-    from prunekit.core.select import plan_for
-
     k = run.recipe.iterative
     dense_counts = unit_counts(run.dense_shapes)
     for step in range(1, k + 1):
@@ -293,9 +298,7 @@ def _prune(run: _Run) -> None:
         tag = f" (step {step}/{k})" if k > 1 else ""
         run.say(f"scoring and selecting{tag}")
         with run.timer("score+select"):
-            plan, scores = plan_for(
-                run.model, run.calib_ids, targets, progress=run.progress, scorers=scorers
-            )
+            plan, scores = _plan(run, targets, scorers, step)
         run.scores.append(scores)
         for note in plan.meta.get("adjusted", []):
             run.say(f"note: {note}{tag}")
@@ -320,6 +323,24 @@ def _prune(run: _Run) -> None:
         raise ValueError(
             "targets: the selection removed nothing (targets too small for this model?)"
         )
+
+
+def _plan(run: _Run, targets, scorers: dict[str, Any], step: int):
+    """Score and select step ``step``; with ``--resume`` the scores an earlier run kept are
+    selected from instead of computed (SLEB ``layer_steps`` re-scores: never cached)."""
+    from prunekit.core.select import plan_for, select
+
+    cache = run.cache if targets.layer_steps <= 1 else None
+    kept = cache.load(step) if cache is not None and run.resume else None
+    if kept is not None:
+        run.say(f"reusing the scores of step {step} kept in {cache.dir} (--resume)")
+        return select(kept, targets, scorers=scorers), kept
+    plan, scores = plan_for(
+        run.model, run.calib_ids, targets, progress=run.progress, scorers=scorers
+    )
+    if cache is not None:
+        cache.save(step, scores)
+    return plan, scores
 
 
 def _recover(run: _Run, *, seed: int):
@@ -400,7 +421,7 @@ def _save(run: _Run, output_dir: Path, overwrite: bool, quantized, probe) -> Com
             else:
                 save_pretrained(model, tmp, run.tokenizer, overwrite=True, extra=sidecar)
             if probe is not None:
-                _save_probe(tmp, probe)
+                save_probe(tmp, probe)
     run.say(f"saved the compressed model to {output_dir}")
     return result
 
@@ -455,29 +476,6 @@ def _evaluate(model, tokenizer, run: _Run) -> dict[str, Any]:
         progress=run.progress,
         **{name: getattr(ev, name) for name in window},
     )
-
-
-def _probe(model, tokenizer, eval_text: Path | str | None) -> dict[str, torch.Tensor]:
-    """A few tokens of the evaluation text (the default calibration text when evaluation is
-    off) and the model's logits on them, saved with the result so that anyone can check a
-    reload gives the same numbers."""
-    from prunekit.core.data import brown_path
-    from prunekit.core.quality import read_text
-
-    text, _ = read_text(brown_path() if eval_text is None else eval_text, 2000)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :PROBE_TOKENS]
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    values = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    return {"input_ids": ids.contiguous(), "output": values.float().contiguous()}
-
-
-def _save_probe(out_dir: Path, probe: dict[str, torch.Tensor]) -> None:
-    # In a sub-folder: servers glob *.safetensors at the top level as weights.
-    from safetensors.torch import save_file
-
-    (out_dir / "probe").mkdir(exist_ok=True)
-    save_file(probe, str(out_dir / "probe" / "probe.safetensors"))
 
 
 __all__ = ["CompressResult", "Plugins", "compress", "preflight"]

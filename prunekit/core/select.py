@@ -21,7 +21,8 @@ Rules (each enforced, each covered by property-based tests):
   (one query head per KV head) both are the same: heads are removed one by one.
 - **Uniform mode** removes the same number of units from every kept layer; a target that is
   not a multiple of the step (query heads per removed unit × layers) is rounded to the nearest
-  achievable count, and a target that rounds to zero is an error (use ``per_layer`` mode).
+  achievable count (``plan.meta["adjusted"]`` says asked vs removed and why; compress prints
+  it); a target that rounds to zero, or a count above what the layers hold, is an error.
   **Per-layer mode** ranks units globally across layers and removes the lowest.
 - **Rounding.** Kept MLP widths are rounded to the nearest multiple of ``round_to`` (never
   above the layer's width and never below ``round_to``; ``round_to=1`` disables it).
@@ -112,8 +113,8 @@ def _best_block(values: torch.Tensor, k: int, lo: int, hi: int) -> list[int]:
 
 
 # ---- heads -----------------------------------------------------------------------------------
-def _pool(scores: Scores, targets: Targets, removed: list[int]) -> list[int]:
-    L = scores.n_layers
+def _pool(L: int, targets: Targets, removed: list[int]) -> list[int]:
+    """The layers that may lose heads or neurons."""
     kept = [i for i in range(L) if i not in set(removed)]
     if targets.mode == "per_layer":
         kept = [i for i in kept if targets.protect_first <= i < L - targets.protect_last]
@@ -128,10 +129,24 @@ def _unit_pool(
     none may)."""
     scorer = scorer or get_scorer(targets.scorer_name(unit), unit)
     rows = scores.layer_rows(scorer.name)
-    pool = _pool(scores, targets, removed)
-    size = "n_heads" if unit == "heads" else "intermediate"
-    k = count_of(getattr(targets, unit), sum(getattr(scores.shapes[i], size) for i in pool))
+    pool = _pool(scores.n_layers, targets, removed)
+    total = _unit_total(scores.shapes, pool, unit)
+    k = count_of(getattr(targets, unit), total)
+    if pool and k >= total and (unit == "neurons" or k > total):
+        raise ValueError(
+            f"{unit} target asks to remove {k} of the {total} {_UNIT_WORDS[unit]} in the "
+            f"{len(pool)} layers that may lose them; every layer keeps at least one -- lower "
+            f"the target (a fraction in [0, 1) or a count below {total})"
+        )
     return rows, pool, k if pool else 0
+
+
+_UNIT_WORDS = {"heads": "query heads", "neurons": "MLP neurons"}
+
+
+def _unit_total(shapes, pool: list[int], unit: str) -> int:
+    size = "n_heads" if unit == "heads" else "intermediate"
+    return sum(getattr(shapes[i], size) for i in pool)
 
 
 def _uniform_step_error(what: str, asked: int, step: int, hint: str) -> ValueError:
@@ -332,6 +347,69 @@ def select(
     )
     if not plan.is_empty():
         plan.validate(scores.shapes)
+    notes = adjustments(plan, scores.shapes, targets)
+    if notes:
+        plan.meta["adjusted"] = notes
+    return plan
+
+
+def _why_adjusted(unit: str, targets: Targets) -> str:
+    if unit == "neurons":
+        rounding = f"kept MLP widths are multiples of round_to={targets.round_to}"
+        if targets.mode == "uniform":
+            return f"uniform mode removes the same count from every kept layer and {rounding}"
+        return rounding
+    if targets.mode == "per_layer":
+        return f"every layer keeps at least one KV group and min_heads={targets.min_heads}"
+    if targets.head_removal == "groups":
+        return "uniform mode removes whole KV groups, the same number from every kept layer"
+    return "uniform mode removes the same count from every KV group of every kept layer"
+
+
+def adjustments(plan: PrunePlan, shapes: list, targets: Targets) -> list[str]:
+    """One line per unit whose removed count differs from the count asked for (uniform
+    steps, GQA groups, MLP width rounding): what was asked, what is removed, and why."""
+    notes = []
+    for unit in ("heads", "neurons"):
+        amount = getattr(targets, unit)
+        if not amount:
+            continue
+        kept = _pool(len(shapes), targets, plan.layers)
+        total = _unit_total(shapes, kept, unit)
+        asked = count_of(amount, total)
+        got = sum(len(v) for v in getattr(plan, unit).values())
+        if total and got != asked:
+            shown = f"{amount:.0%} = {asked}" if isinstance(amount, float) else str(asked)
+            notes.append(
+                f"{unit}: asked {shown} of {total} {_UNIT_WORDS[unit]}, removing {got} "
+                f"({got / total:.0%}) because {_why_adjusted(unit, targets)}"
+            )
+    return notes
+
+
+def check_targets(shapes: list, targets: Targets, scorers: Mapping[str, Any] | None = None):
+    """Run the selection on placeholder scores for a model of ``shapes`` (read from its
+    config): every count, protection and GQA rule that :func:`select` enforces raises here,
+    before any weight is loaded or scored, and a unit whose target rounds to nothing is an
+    error. Returns the placeholder plan (its counts are those the real selection removes)."""
+    scorers = resolve_scorers(targets) if scorers is None else scorers
+    values: dict[str, Any] = {}
+    units: dict[str, str] = {}
+    n = len(shapes)
+    for unit, obj in scorers.items():
+        if unit == "layers":
+            values[obj.name] = torch.zeros(n, n) if is_block(obj) else torch.zeros(n)
+        else:
+            size = "n_heads" if unit == "heads" else "intermediate"
+            values[obj.name] = [torch.zeros(getattr(s, size)) for s in shapes]
+        units[obj.name] = unit
+    plan = select(Scores(values, units, list(shapes)), targets, scorers=scorers)
+    for unit in scorers:
+        if not getattr(plan, unit):
+            raise ValueError(
+                f"{unit} target {getattr(targets, unit)!r} removes nothing from this model "
+                f"({n} layers); ask for more"
+            )
     return plan
 
 
@@ -409,6 +487,8 @@ def _layers_in_steps(model, targets: Targets, scorer, run) -> tuple[list[int], l
 
 __all__ = [
     "Targets",
+    "adjustments",
+    "check_targets",
     "count_of",
     "plan_for",
     "resolve_scorers",

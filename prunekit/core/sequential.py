@@ -66,7 +66,7 @@ def compress_sequential(
     from prunekit.plugins import get_adapter
 
     output_dir = check_output_dir(output_dir, overwrite, inputs=(model_dir,))
-    plugins = preflight(recipe)
+    plugins = preflight(recipe, model_dir)
     check_sequential(recipe, plugins, model_dir)
     say = print if progress else (lambda *a, **k: None)
     timings: dict[str, float] = {}

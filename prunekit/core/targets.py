@@ -9,6 +9,7 @@ of ``layer_steps`` and still accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import InitVar, asdict, dataclass, field, fields
@@ -217,6 +218,44 @@ def count_of(amount: float | int, total: int) -> int:
     return int(amount)
 
 
+def unit_counts(shapes: list) -> dict[str, int]:
+    """Layers, query heads and MLP neurons of a model of ``shapes``."""
+    return {
+        "layers": len(shapes),
+        "heads": sum(s.n_heads for s in shapes),
+        "neurons": sum(s.intermediate for s in shapes),
+    }
+
+
+def step_targets(
+    t: Targets, k: int, step: int, dense_counts: dict[str, int], shapes: list
+) -> Targets:
+    """Targets for iteration ``step`` (1-based) of ``k`` (the recipe's ``iterative``).
+
+    The cumulative goal grows linearly with the step: after step s of k, a fraction s/k of
+    each target is removed. Layers are counted against the dense layer count; heads and
+    neurons as a fraction of those of the kept layers (the selection's rule), so each step asks
+    for the fraction of the *current* model that reaches the cumulative goal."""
+    if k == 1:
+        return t
+    n_layers0 = dense_counts["layers"]
+    changes: dict[str, Any] = {}
+    for unit in ("layers", "heads", "neurons"):
+        goal = getattr(t, unit)
+        total0 = dense_counts[unit]
+        goal_frac = goal if isinstance(goal, float) else goal / total0
+        cum = goal_frac * step / k
+        if unit == "layers":
+            todo = round(cum * n_layers0) - (n_layers0 - len(shapes))
+            changes[unit] = max(todo, 0)
+            continue
+        per_layer0 = total0 / n_layers0
+        current = sum(getattr(s, "n_heads" if unit == "heads" else "intermediate") for s in shapes)
+        done = 1 - current / (per_layer0 * len(shapes))
+        changes[unit] = max(0.0, (cum - done) / (1 - done)) if done < 1 else 0.0
+    return dataclasses.replace(t, **changes)
+
+
 __all__ = [
     "HEAD_REMOVALS",
     "MODES",
@@ -226,4 +265,6 @@ __all__ = [
     "parse_amount",
     "resolve_scorers",
     "scorer_configs",
+    "step_targets",
+    "unit_counts",
 ]

@@ -1,0 +1,100 @@
+"""Checks of a model input before any weight is read (issue 13): a user waits seconds, not
+minutes, for an error that the config, the recipe and the installed packages already show.
+
+:func:`check_model_input` is the one entry the ``compress`` pipeline and the ``score`` /
+``eval`` commands call. From ``config.json`` alone (headers only, no tensor) it refuses a
+missing or unsupported model, a quantized checkpoint (``quantization_config``), a sequence
+length beyond the model's positions, and targets that the model's layer/head/neuron counts
+and protections cannot meet (the selection itself runs on placeholder scores, so every rule
+it enforces fails here the same way it would after scoring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunekit.errors import PruningPlanError
+
+
+def model_config(model_or_path: Any, gguf_file: str | None = None) -> Any:
+    """The config of an in-memory model or a local model directory (read without its
+    weights); None for a GGUF file or a hub id, which are checked when loaded."""
+    from prunekit.core.io import read_config
+
+    if isinstance(model_or_path, nn.Module):
+        return getattr(model_or_path, "config", None)
+    text = str(model_or_path)
+    if gguf_file is not None or text.endswith(".gguf"):
+        return None
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return read_config(path)  # ModelLoadError names a missing directory or config.json
+    return None
+
+
+def refuse_quantized_config(config: Any) -> None:
+    """A checkpoint whose config carries a ``quantization_config`` holds packed low-bit
+    weights, which cannot be sliced: refuse it before transformers tries its backend."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, Mapping) else None
+    method = method or getattr(quant, "quant_method", None) or "unknown method"
+    raise PruningPlanError(
+        f"the model is quantized ({getattr(method, 'value', method)}, quantization_config in "
+        "config.json); packed low-bit weights cannot be sliced. Compress the unquantized "
+        "model and add --quantize (prune -> recover -> quantize)",
+        entry="model",
+    )
+
+
+def check_seq_len(config: Any, seq_lens: Mapping[str, int | None]) -> None:
+    """Each named sequence length (e.g. ``{"calibration.seq_len": 1024}``) fits the model's
+    ``max_position_embeddings`` (when the config states it)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for name, value in seq_lens.items():
+        if value is not None and value > limit:
+            raise ValueError(
+                f"{name}={value}: longer than the model's max_position_embeddings ({limit}); "
+                f"use a seq_len of at most {limit} (CLI: --seq-len {limit})"
+            )
+
+
+def check_model_input(
+    model_or_path: Any,
+    *,
+    targets: Any = None,
+    scorers: Mapping[str, Any] | None = None,
+    seq_lens: Mapping[str, int | None] | None = None,
+    gguf_file: str | None = None,
+    quantized_ok: bool = False,
+) -> Any:
+    """Check a model input against what will be asked of it, from its config alone: the
+    architecture has an adapter, the checkpoint is not quantized, ``seq_lens`` fit its
+    positions and ``targets`` (with their resolved ``scorers``) can be met by its layer, head
+    and neuron counts. Returns the per-layer shapes, or None when the config is only known
+    after loading (a GGUF file, a hub id). ``quantized_ok``: a quantized checkpoint is fine
+    (evaluation)."""
+    from prunekit.core.select import check_targets
+    from prunekit.plugins import get_adapter
+
+    config = model_config(model_or_path, gguf_file)
+    if config is None:
+        return None
+    if not quantized_ok:
+        refuse_quantized_config(config)
+    adapter = get_adapter(config)  # an unsupported architecture fails here
+    check_seq_len(config, seq_lens or {})
+    shapes = adapter.config_shapes(config)
+    if targets is not None and (targets.layers or targets.heads or targets.neurons):
+        check_targets(shapes, targets, scorers)
+    return shapes
+
+
+__all__ = ["check_model_input", "check_seq_len", "model_config", "refuse_quantized_config"]
