@@ -1,12 +1,16 @@
 """``prunekit.compress``: load -> evaluate dense -> calibrate -> (score -> select -> [heal ->]
-apply [-> recover]) x iterative -> evaluate -> [quantize -> evaluate] -> save -> report, in that
-fixed order (prune -> recover -> quantize).
+apply [-> recover]) x iterative -> [quantize] -> save -> evaluate -> report, in that fixed
+order (prune -> recover -> quantize).
 
 Everything that can fail on bad input (recipe fields, plugin names and options, backend
-availability, text files, the output directory) is checked by :func:`preflight` before the
-model is loaded; it resolves every plugin name to its object once, and the stages below hold
-the objects. The output is written to a temporary directory and moved into place only when
-complete.
+availability, text files, the output directory, and from the model's config alone its
+architecture, quantization, positions and the targets' counts) is checked by
+:func:`preflight` before any weight is read; it resolves every plugin name to its object
+once, and the stages below hold the objects. The compressed model is saved (to a temporary
+directory moved into place when complete) as soon as it exists; an optional stage after it
+(evaluation, latency, report) that fails is recorded in the sidecar and the report and raises
+:class:`~prunekit.errors.StageFailedError` at the end. Each step's scores are kept for
+``resume`` (:mod:`prunekit.core.resume`).
 """
 
 from __future__ import annotations
