@@ -69,26 +69,25 @@ def main() -> None:
 
         return run
 
+    def heal_block() -> list[int]:
+        return select_block_by_heal_residual(dense, calib, n_drop, ridge=args.heal_ridge)[0]
+
     selectors: list[tuple[str, Callable[[], list[int]]]] = [
-        ("block_influence", by_scorer("block_influence")),
         ("angular_distance", by_scorer("angular_distance")),
+        ("block_influence", by_scorer("block_influence")),
+        ("heal_residual (block)", heal_block),
         ("perplexity_drop (one-shot)", by_scorer("perplexity_drop")),
     ]
     if not args.skip_iterative:
         steps = by_scorer("perplexity_drop", layer_steps=n_drop)
         selectors.append((f"perplexity_drop (SLEB, {n_drop} steps)", steps))
-    selectors.append(
-        (
-            "heal_residual (block)",
-            lambda: select_block_by_heal_residual(dense, calib, n_drop, ridge=args.heal_ridge)[0],
-        )
-    )
     for seed in range(args.seeds):
         layers = sorted(random.Random(seed).sample(range(1, n_layers - 1), n_drop))
         selectors.append((f"random seed {seed}", lambda layers=layers: layers))
 
     t0 = time.perf_counter()
     rows = [("dense", "-", "-", ppl(dense), None)]
+    print(f"dense {rows[0][3]:.2f}", flush=True)
     for name, select in selectors:
         t = time.perf_counter()
         layers = select()
@@ -102,7 +101,10 @@ def main() -> None:
             objective=args.heal_objective,
         )
         rows.append((name, str(layers), f"{seconds:.0f}", removed, ppl(healed)))
-        print(f"{name}: {layers} {seconds:.0f}s removed {removed:.2f} healed {rows[-1][4]:.2f}")
+        print(
+            f"{name}: {layers} {seconds:.0f}s removed {removed:.2f} healed {rows[-1][4]:.2f}",
+            flush=True,
+        )
     random_rows = [r for r in rows if r[0].startswith("random")]
     if random_rows:
         median = [statistics.median(r[i] for r in random_rows) for i in (3, 4)]
