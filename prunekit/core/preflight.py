@@ -82,6 +82,7 @@ def check_model_input(
     after loading (a GGUF file, a hub id). ``quantized_ok``: a quantized checkpoint is fine
     (evaluation)."""
     from prunekit.core.select import check_targets
+    from prunekit.core.targets import UNITS
     from prunekit.plugins import get_adapter
 
     config = model_config(model_or_path, gguf_file)
@@ -92,7 +93,7 @@ def check_model_input(
     adapter = get_adapter(config)  # an unsupported architecture fails here
     check_seq_len(config, seq_lens or {})
     shapes = adapter.config_shapes(config)
-    if targets is not None and (targets.layers or targets.heads or targets.neurons):
+    if targets is not None and any(getattr(targets, unit) for unit in UNITS):
         check_targets(shapes, targets, scorers)
     return shapes
 

@@ -374,7 +374,8 @@ def adjustments(plan: PrunePlan, shapes: list, targets: Targets) -> list[str]:
         amount = getattr(targets, unit)
         if not amount:
             continue
-        kept = _pool(len(shapes), targets, plan.layers)
+        gone = plan.attention if unit == "heads" else plan.mlp  # as select() pools them
+        kept = _pool(len(shapes), targets, [*plan.layers, *gone])
         total = _unit_total(shapes, kept, unit)
         asked = count_of(amount, total)
         got = sum(len(v) for v in getattr(plan, unit).values())
@@ -397,15 +398,15 @@ def check_targets(shapes: list, targets: Targets, scorers: Mapping[str, Any] | N
     units: dict[str, str] = {}
     n = len(shapes)
     for unit, obj in scorers.items():
-        if unit == "layers":
-            values[obj.name] = torch.zeros(n, n) if is_block(obj) else torch.zeros(n)
-        else:
+        if unit in ("heads", "neurons"):
             size = "n_heads" if unit == "heads" else "intermediate"
             values[obj.name] = [torch.zeros(getattr(s, size)) for s in shapes]
+        else:  # layers, attention, mlps: one score per layer (a block matrix for a block scorer)
+            values[obj.name] = torch.zeros(n, n) if is_block(obj) else torch.zeros(n)
         units[obj.name] = unit
     plan = select(Scores(values, units, list(shapes)), targets, scorers=scorers)
     for unit in scorers:
-        if not getattr(plan, unit):
+        if not getattr(plan, "mlp" if unit == "mlps" else unit):
             raise ValueError(
                 f"{unit} target {getattr(targets, unit)!r} removes nothing from this model "
                 f"({n} layers); ask for more"
