@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from prunekit.errors import PruningPlanError
+from prunekit.errors import ModelLoadError, PruningPlanError
 
 
 def model_config(model_or_path: Any, gguf_file: str | None = None) -> Any:
@@ -31,8 +31,12 @@ def model_config(model_or_path: Any, gguf_file: str | None = None) -> Any:
     if gguf_file is not None or text.endswith(".gguf"):
         return None
     path = Path(text).expanduser()
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        return read_config(path)  # ModelLoadError names a missing directory or config.json
+    if path.exists():
+        return read_config(path)  # ModelLoadError names a missing or damaged config.json
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelLoadError(
+            f"model directory {path} does not exist; pass a local model directory or a hub id"
+        )
     return None
 
 
