@@ -17,6 +17,7 @@ from torch import nn
 
 from prunekit.adapters.slicing import Dim, head_rows, slice_linear
 from prunekit.adapters.subblocks import RemovedAttention, RemovedMLP
+from prunekit.contracts import NoOptions
 from prunekit.core.shapes import LayerShape, config_global
 from prunekit.hookspecs import hookimpl
 
@@ -40,6 +41,8 @@ class Adapter:
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    #: the plugin contract (prunekit.contracts): adapters take no options
+    config_class: ClassVar[type] = NoOptions
     #: whether the model is a causal decoder (has a KV cache, generates)
     causal: ClassVar[bool] = True
     #: whether the MLP has a gate projection (SwiGLU) or a single input projection
@@ -58,6 +61,9 @@ class Adapter:
     #: pre-norm layer attributes ``(attention, its norm, MLP, its norm)`` for sub-block removal
     #: (a plan's ``attention`` / ``mlp``); empty: the architecture does not support it
     subblock_attrs: ClassVar[tuple[str, str, str, str] | tuple[()]] = ()
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
 
     # ---- where things live (override per architecture) ---------------------------------
     def layer_container(self, model: nn.Module) -> nn.Module:
