@@ -324,9 +324,12 @@ def test_default_eval_text_falls_back_then_skips(tmp_path, monkeypatch, offline)
 
 # ---- the pipeline's use ----------------------------------------------------------------------
 def test_preflight_refuses_a_bad_source_before_loading_the_model(tmp_path, offline):
+    from conftest import save_tiny
+
     from prunekit.core.pipeline import compress
 
-    never_loaded = tmp_path / "no-model-here"
+    # A real model directory: preflight reads its config first, then refuses the source.
+    never_loaded = save_tiny("llama", tmp_path / "model")
     bad = [
         ({"calibration": {"source": "no_such_corpus_xyz"}}, "HF_DATASETS_OFFLINE"),
         ({"calibration": {"source": "c4"}}, "cannot be loaded"),

@@ -186,7 +186,7 @@ def check_roundtrip(quantized, pruned, tokenizer, ids, tmp_path, tol, method):
 def test_registered_and_lookup_lists_names():
     names = prunekit.get_plugins().quantizers.names()
     assert {"awq", "gptq", "torchao"} <= set(names)
-    with pytest.raises(RegistryError, match="awq, gptq, torchao"):
+    with pytest.raises(RegistryError, match="awq, (.+, )?gptq, torchao"):
         get_quantizer("nf4")
 
 
@@ -389,10 +389,15 @@ def test_save_quantized_is_atomic_and_refuses_existing(pruned, tokenizer, tmp_pa
     with pytest.raises(prunekit.OutputExistsError):
         save_quantized(quantized, out, tokenizer)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # --overwrite replaces only an empty directory or an earlier model output (issue 13)
+    with pytest.raises(prunekit.PrunekitError, match="keep.txt"):
+        save_quantized(quantized, out, tokenizer, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    save_quantized(quantized, out, tokenizer, overwrite=True)  # an empty directory
     save_quantized(quantized, out, tokenizer, overwrite=True, extra={"metrics": {"x": 1}})
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "prunekit.json", "tokenizer.json"} <= names
-    assert "keep.txt" not in names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no leftovers
     sidecar = json.loads((out / "prunekit.json").read_text())
     assert sidecar["metrics"] == {"x": 1} and sidecar["quantization"]["quant_method"]

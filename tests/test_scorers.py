@@ -438,8 +438,8 @@ def test_scorers_follow_the_plugin_contract():
     for name in reg.names():
         s = get_scorer(name)
         assert isinstance(s, Plugin) and s.available() == (True, "")
-        assert s.unit in ("layers", "heads", "neurons")
-    assert [n for n in reg.names() if is_block(reg.get(n))] == ["angular_distance"]
+        assert s.unit in ("layers", "heads", "neurons", "attention", "mlps")
+    assert [n for n in reg.names() if is_block(reg.get(n))] == ["angular_distance", "heal_residual"]
     # a head scorer named for neurons is the counterpart it declares, not a name rule
     assert get_scorer("taylor", "neurons").name == "neuron_taylor"
     assert get_scorer("magnitude", "neurons").name == "neuron_magnitude"

@@ -211,7 +211,9 @@ def _load_tokenizer(path: Path, config: Any = None):
 
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
-        raise ModelLoadError(f"model directory {path} does not exist")
+        raise ModelLoadError(
+            f"model directory {path} does not exist; pass a local model directory or a hub id"
+        )
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory (for a GGUF file pass gguf_file=)")
     if not (path / "config.json").is_file():
