@@ -162,9 +162,10 @@ def _shard_names(n: int) -> list[str]:
 
 def _write_config(model: nn.Module, source: Path, out: Path, dtype: torch.dtype) -> None:
     """config.json (and generation_config.json) as ``model.save_pretrained`` writes them."""
-    config = model.config
+    config = get_adapter(model).saved_config(model.config)  # e.g. a Llama head count as Mistral
     config.dtype = str(dtype).split(".")[1]
-    config.architectures = [type(model).__name__]
+    if config is model.config:
+        config.architectures = [type(model).__name__]
     with global_access(config):
         config.save_pretrained(out)
     _strip_config_key(out / "config.json", "allow_global_per_layer_attribute_access")
