@@ -24,6 +24,7 @@ from prunekit.core.recovery import (
     recover,
     split_data,
 )
+from prunekit.core.training import budget_lr_factor
 from prunekit.recoveries import attach_lora, has_lora_modules, lora_target_names, merge_lora
 
 # A short repeated token pattern: learnable in a few dozen steps, so "loss went down" means
@@ -92,6 +93,10 @@ def test_warmup_fraction_and_cap():
     assert RecoveryConfig(steps=200, warmup_steps=0.1).warmup == 20
     assert RecoveryConfig(steps=10, warmup_steps=20).warmup == 5  # at most half the steps
     assert RecoveryConfig(steps=None, minutes=1.0, warmup_steps=7).warmup == 7
+    assert RecoveryConfig(steps=200).warmup == 10  # default: 5% of the step budget
+    assert RecoveryConfig(steps=None, minutes=1.0).warmup == 0  # time-based instead
+    with pytest.raises(ValueError, match=r"RecoveryConfig\.warmup_fraction\b"):
+        RecoveryConfig(warmup_fraction=0.8)
 
 
 def test_builtin_methods_are_registered_plugins():
@@ -135,6 +140,84 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(10, 4, 0.5) == pytest.approx(0.5)
     assert lr_factor(10, 4, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(10, 0, 0.25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("budget_s", [60.0, 180.0, 600.0])
+@pytest.mark.parametrize("step_s", [0.05, 0.7, 3.0, 7.0, 25.0])
+def test_time_budget_schedule_peaks_in_the_first_tenth(step_s, budget_s):
+    """Simulated clock: an initial evaluation, then one update every ``step_s`` seconds, each
+    LR computed at the update from the elapsed fraction. The peak comes within the first 10%
+    of the budget (or at the first update when one step alone is longer than that), the LR
+    climbs before it and only falls after it."""
+    eval_s = 0.01 * budget_s
+    times = [eval_s + (k + 1) * step_s for k in range(int((budget_s - eval_s) // step_s) + 1)]
+    times = [t for t in times if t - step_s < budget_s]  # a step starts only within budget
+    lrs = [budget_lr_factor(t / budget_s, 0.05) for t in times]
+    peak = max(range(len(lrs)), key=lrs.__getitem__)
+    assert times[peak] <= max(0.1 * budget_s, times[0])
+    assert lrs[peak] > 0.9 or len(lrs) < 20
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+    if len(lrs) >= 20:
+        assert lrs[-1] < 0.1  # decayed by the end of the budget
+
+
+def test_budget_lr_factor_formula():
+    assert budget_lr_factor(0.0, 0.05) == 0.0
+    assert budget_lr_factor(0.025, 0.05) == pytest.approx(0.5)
+    assert budget_lr_factor(0.05, 0.05) == pytest.approx(1.0)
+    assert budget_lr_factor(0.525, 0.05) == pytest.approx(0.5)
+    assert budget_lr_factor(1.0, 0.05) == pytest.approx(0.0, abs=1e-12)
+    assert budget_lr_factor(1.7, 0.05) == pytest.approx(0.0, abs=1e-12)  # clamped
+    assert budget_lr_factor(0.0, 0.0) == 1.0  # no warm-up: peak at once
+
+
+def test_time_budget_run_peaks_early_and_records_throughput():
+    _, model = pruned()
+    config = RecoveryConfig(
+        steps=None, minutes=0.05, lr=1e-3, **{**FAST, "warmup_steps": None, "eval_every": 1000}
+    )
+    result = recover(model, TEXT, config, progress=False)
+    assert result.stop_reason == "time" and result.budget == "time"
+    rows = result.history[1:]
+    assert len(rows) >= 20, "too few steps in 3 s to see a schedule"
+    lrs = [h["lr"] for h in rows]
+    peak = max(range(len(rows)), key=lrs.__getitem__)
+    # the LR of each update is computed from the elapsed time, which the row records
+    assert rows[peak]["seconds"] <= 0.1 * result.seconds + (rows[1]["seconds"] - rows[0]["seconds"])
+    assert lrs[peak] > 0.9 * config.lr and lrs[-1] < 0.1 * config.lr
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+    assert result.tokens == result.steps * config.batch_size * config.seq_len
+    assert [h["tokens"] for h in rows] == [
+        k * config.batch_size * config.seq_len for k in range(1, len(rows) + 1)
+    ]
+    assert result.steps_per_s == pytest.approx(result.steps / result.seconds)
+    assert result.tokens_per_s == pytest.approx(result.tokens / result.seconds)
+    assert f"{result.steps} steps" in result.summary()
+
+
+def test_time_budget_progress_bar_counts_seconds(monkeypatch):
+    """The bar counts seconds against a 3-minute budget: never a 10,000-step total."""
+    from prunekit.core import recovery_loop
+
+    now = [0.0]
+    monkeypatch.setattr(recovery_loop, "clock", lambda: now[0])
+    budget = recovery_loop.Budget(steps=10_000, seconds=180.0)
+    bar = recovery_loop.Bar(budget, "recover", enabled=False)
+    assert bar.timed and bar.bar.total == 180.0
+    now[0] = 2.0  # the initial evaluation
+    bar.start()
+    for step in range(1, 5):
+        now[0] += 7.0
+        bar.update(step)
+    assert bar.bar.n == pytest.approx(30.0) and bar.bar.total == 180.0
+    assert bar.bar.postfix == f"step=4/~{4 + math.ceil(150 / 7)}"
+    # a step budget that ends first: the total is re-estimated in seconds
+    short = recovery_loop.Bar(recovery_loop.Budget(steps=6, seconds=180.0), "r", enabled=False)
+    short.start()
+    now[0] += 10.0
+    short.update(1)
+    assert short.bar.total == pytest.approx(60.0)
 
 
 def test_pack_and_held_out_split_are_disjoint():

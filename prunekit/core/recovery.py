@@ -5,8 +5,9 @@ order prune → recover → quantize. Gromov et al. 2024 (arXiv 2403.17887) heal
 little data; Minitron (Muralidharan et al. 2024, arXiv 2407.14679) shows that distilling from
 the unpruned model recovers more per token than the plain language-model loss.
 
-The training loop is shared by every method: AdamW, linear warm-up then cosine decay,
-gradient accumulation, a step budget and/or a wall-clock budget (whichever ends first),
+The training loop (:mod:`prunekit.core.recovery_loop`) is shared by every method: AdamW,
+linear warm-up then cosine decay (under a wall-clock budget as fractions of the elapsed
+time), gradient accumulation, a step budget and/or a wall-clock budget (whichever ends first),
 periodic held-out loss, early stopping, and keep-best (the model never ends worse than it
 started on held-out loss). The methods are plugins (:mod:`prunekit.recoveries`, registered
 through the ``register_recoveries`` hook); this module imports none of them::
@@ -21,9 +22,6 @@ through the ``register_recoveries`` hook); this module imports none of them::
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -31,12 +29,12 @@ import torch
 from torch import nn
 
 from prunekit.contracts import build_config
+from prunekit.core.recovery_loop import Run, train
 from prunekit.core.training import (
     RecoveryResult,
     TrainingSession,
     device_of,
     distill_kl,
-    forward_logits,
     lm_loss,
     lr_factor,
     pack,
@@ -72,9 +70,19 @@ class RecoveryConfig:
         default=None, metadata=_help("wall-clock budget; training stops at whichever ends first")
     )
     lr: float = field(default=1e-4, metadata=_help("peak AdamW learning rate"))
-    warmup_steps: int | float = field(
-        default=20,
-        metadata=_help("linear warm-up steps (a float in (0, 1) is a fraction of `steps`)"),
+    warmup_steps: int | float | None = field(
+        default=None,
+        metadata=_help(
+            "linear warm-up steps (a float in (0, 1) is a fraction of `steps`); None: "
+            "`warmup_fraction` of the budget that binds (time when `minutes` is set)"
+        ),
+    )
+    warmup_fraction: float = field(
+        default=0.05,
+        metadata=_help(
+            "with warmup_steps None: warm-up as a fraction of the budget (of the elapsed "
+            "time under `minutes`, else of `steps`); the cosine decay spans the rest"
+        ),
     )
     batch_size: int = field(default=4, metadata=_help("sequences per micro-batch"))
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
@@ -117,7 +125,11 @@ class RecoveryConfig:
         if not self.lr > 0:
             raise bad("lr", "a number > 0")
         w = self.warmup_steps
-        if isinstance(w, float) and not w.is_integer():
+        if not 0 <= self.warmup_fraction <= 0.5:
+            raise bad("warmup_fraction", "a fraction in [0, 0.5]")
+        if w is None:
+            pass
+        elif isinstance(w, float) and not w.is_integer():
             if not 0 < w < 1:
                 raise bad("warmup_steps", "an integer >= 0 or a fraction in (0, 1)")
             if self.steps is None:
@@ -153,10 +165,15 @@ class RecoveryConfig:
 
     @property
     def warmup(self) -> int:
-        """Warm-up length in optimizer steps (a fraction is resolved against ``steps``; never
-        more than half of ``steps``)."""
+        """Warm-up length in optimizer steps of a step schedule (a fraction is resolved
+        against ``steps``; ``None`` is ``warmup_fraction`` of ``steps``; never more than half
+        of ``steps``). A time budget with ``warmup_steps=None`` warms up over
+        ``warmup_fraction`` of the elapsed time instead (0 here when there is no ``steps``)."""
         w = self.warmup_steps
-        n = round(w * self.steps) if isinstance(w, float) and w < 1 else int(w)
+        if w is None:
+            n = round(self.warmup_fraction * self.steps) if self.steps is not None else 0
+        else:
+            n = round(w * self.steps) if isinstance(w, float) and w < 1 else int(w)
         return min(n, self.steps // 2) if self.steps is not None else n
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,8 +284,8 @@ def recover(
         torch.manual_seed(config.seed)
         session = method.prepare(model, config)
         try:
-            run = _Run(session, method, teacher, config)
-            result = _train(run, train_rows, eval_rows, progress)
+            run = Run(session, method, teacher, config)
+            result = train(run, train_rows, eval_rows, progress)
         finally:
             session.finish()
             model.train(was_training)
@@ -299,172 +316,6 @@ def _check_teacher(method: Any, model: nn.Module, teacher: nn.Module | None) -> 
     if teacher is model:
         raise ValueError("teacher is the student itself; pass a separate copy of the dense model")
     return teacher
-
-
-# ---- the loop ------------------------------------------------------------------------------
-@dataclass
-class _Run:
-    """What one training run computes losses with."""
-
-    session: TrainingSession
-    method: Any
-    teacher: nn.Module | None
-    config: RecoveryConfig
-
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        t_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_logits = forward_logits(self.teacher, batch.to(device_of(self.teacher)))
-        logits = forward_logits(self.session.module, batch)
-        return self.method.objective(logits, batch, t_logits, self.config)
-
-    @torch.no_grad()
-    def evaluate(self, rows: torch.Tensor) -> float:
-        module = self.session.module
-        module.eval()
-        device = device_of(module)
-        total, count = 0.0, 0
-        for start in range(0, rows.shape[0], self.config.batch_size):
-            batch = rows[start : start + self.config.batch_size].to(device)
-            total += float(self.loss(batch)) * batch.shape[0]
-            count += batch.shape[0]
-        return total / count
-
-    def accumulate(self, stream: Iterator[torch.Tensor]) -> float:
-        """Forward and backward ``grad_accum`` micro-batches; their mean loss."""
-        module = self.session.module
-        module.train()
-        device = device_of(module)
-        train_loss = 0.0
-        for _ in range(self.config.grad_accum):
-            loss = self.loss(next(stream).to(device))
-            (loss / self.config.grad_accum).backward()
-            train_loss += float(loss.detach()) / self.config.grad_accum
-        return train_loss
-
-
-@dataclass
-class _Budget:
-    """Steps and/or seconds, whichever ends first."""
-
-    steps: int | None
-    seconds: float | None
-    t0: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def spent(self, step: int) -> str | None:
-        """Why training must stop before step ``step`` (``None``: it may go on)."""
-        if self.steps is not None and step >= self.steps:
-            return "steps"
-        if self.seconds is not None and self.elapsed() >= self.seconds:
-            return "time"
-        return None
-
-    def progress(self, step: int, warmup: int) -> float:
-        """Fraction of the post-warm-up budget used (the larger of steps and time)."""
-        fractions = []
-        if self.steps is not None:
-            fractions.append((step - warmup) / max(1, self.steps - warmup))
-        if self.seconds is not None:
-            fractions.append(self.elapsed() / self.seconds)
-        return max(fractions)
-
-
-@dataclass
-class _Best:
-    """Keep-best and early stopping on held-out loss."""
-
-    loss: float
-    state: dict[str, torch.Tensor]
-    step: int = 0
-    bad_evals: int = 0
-
-    def update(self, session: TrainingSession, loss: float, step: int) -> None:
-        if loss < self.loss:
-            self.loss, self.step, self.state = loss, step, session.snapshot()
-            self.bad_evals = 0
-        else:
-            self.bad_evals += 1
-
-
-def _batches(rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Shuffled micro-batches of ``rows``, epoch after epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(rows.shape[0], generator=generator)
-        for start in range(0, len(order), batch_size):
-            yield rows[order[start : start + batch_size]]
-
-
-def _train(
-    run: _Run, train_rows: torch.Tensor, eval_rows: torch.Tensor, progress: bool
-) -> RecoveryResult:
-    from tqdm.auto import tqdm
-
-    config = run.config
-    params = [p for p in run.session.params.values() if p.requires_grad]
-    if not params:
-        raise ValueError(f"recovery method {config.method!r} left nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    stream = _batches(train_rows, config.batch_size, config.seed)
-    budget = _Budget(config.steps, config.minutes * 60 if config.minutes is not None else None)
-    warmup = config.warmup
-    initial = run.evaluate(eval_rows)
-    history: list[dict[str, Any]] = [
-        dict(step=0, train_loss=None, eval_loss=initial, lr=0.0, seconds=0.0)
-    ]
-    best = _Best(initial, run.session.snapshot())
-    step = 0
-    bar = tqdm(
-        total=config.steps, disable=not progress, desc=f"recover[{config.method}]", leave=False
-    )
-    while (stop_reason := budget.spent(step)) is None:
-        lr = config.lr * lr_factor(step, warmup, budget.progress(step, warmup))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = run.accumulate(stream)
-        if not math.isfinite(train_loss):
-            stop_reason = "non-finite loss"
-            break
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        step += 1
-        row = dict(
-            step=step, train_loss=train_loss, eval_loss=None, lr=lr, seconds=budget.elapsed()
-        )
-        history.append(row)
-        postfix = {"loss": f"{train_loss:.3f}"}
-        if step % config.eval_every == 0 or budget.spent(step) is not None:
-            row["eval_loss"] = run.evaluate(eval_rows)
-            row["seconds"] = budget.elapsed()
-            best.update(run.session, row["eval_loss"], step)
-            bar.set_postfix(**postfix, eval=f"{row['eval_loss']:.3f}")
-            if config.patience is not None and best.bad_evals >= config.patience:
-                stop_reason = "early stopping"
-                break
-        else:
-            bar.set_postfix(**postfix)
-        bar.update(1)
-    bar.close()
-
-    run.session.restore(best.state)  # keep-best: also undoes a last step that made things worse
-    return RecoveryResult(
-        method=config.method,
-        history=history,
-        initial_eval_loss=initial,
-        best_eval_loss=best.loss,
-        best_step=best.step,
-        steps=step,
-        seconds=budget.elapsed(),
-        stop_reason=stop_reason,
-        trainable_params=sum(p.numel() for p in params),
-        config=config.to_dict(),
-    )
 
 
 __all__ = [

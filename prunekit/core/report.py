@@ -12,6 +12,7 @@ from typing import Any
 
 from prunekit.core.plan import PrunePlan
 from prunekit.core.plots import drawing, plot_scores
+from prunekit.core.quant_groups import report_lines
 from prunekit.core.serving import loadable_by
 from prunekit.versions import versions
 
@@ -140,7 +141,7 @@ def _plots(out_dir: Path, result, recipe, all_scores, recoveries, dense_shapes, 
     for i, rec in enumerate(recoveries):
         path = plots / f"recovery_loss_{i + 1}.png"
         rec.plot(path)
-        images.append((f"recovery loss (step {i + 1})", path))
+        images.append((f"recovery loss and learning rate (step {i + 1})", path))
     return images
 
 
@@ -192,6 +193,9 @@ def write_report(
         "",
         _totals(dense_shapes, final_shapes),
         "",
+        *(f"- recovery (step {i + 1}): {rec.summary()}" for i, rec in enumerate(recoveries)),
+        *([""] if recoveries else []),
+        *report_lines(out_dir),  # the quantization section, when quantized
         "## Plots",
         "",
     ]

@@ -110,8 +110,10 @@ def set_requires_grad_flags(model: nn.Module, flags: dict[str, bool]) -> None:
 @dataclass
 class RecoveryResult:
     """What a recovery run did. ``history`` has one row per optimizer step (``step``,
-    ``train_loss``, ``lr``, ``seconds``, and ``eval_loss`` — None between evaluations); step 0
-    is the evaluation before training."""
+    ``train_loss``, ``lr`` (the learning rate of that update), ``seconds``, ``tokens`` (seen
+    so far), and ``eval_loss`` — None between evaluations); step 0 is the evaluation before
+    training. ``tokens`` is the number of training tokens seen; ``steps_per_s`` and
+    ``tokens_per_s`` are over the whole run (evaluations included)."""
 
     method: str
     history: list[dict[str, Any]]
@@ -123,6 +125,10 @@ class RecoveryResult:
     stop_reason: str
     trainable_params: int
     config: dict[str, Any] = field(default_factory=dict)
+    tokens: int = 0
+    steps_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    budget: str = "steps"  # the budget the schedule and progress bar count against
 
     @property
     def improved(self) -> bool:
@@ -131,35 +137,44 @@ class RecoveryResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line: steps, tokens, throughput, why it stopped, the held-out loss kept."""
+        return (
+            f"{self.method}: {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.0f} s "
+            f"({self.steps_per_s:.2f} steps/s, {self.tokens_per_s:.0f} tokens/s; "
+            f"{self.budget} budget, stopped by {self.stop_reason}); held-out loss "
+            f"{self.initial_eval_loss:.3f} -> {self.best_eval_loss:.3f} "
+            f"(kept step {self.best_step})"
+        )
+
     def plot(self, path: str | Path) -> Path:
         """Write the loss curve (train loss per step, held-out loss per evaluation, the kept
-        step marked) as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        step marked) and below it the learning rate of every update, as a PNG."""
+        from prunekit.core.plots import drawing
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         train = [(h["step"], h["train_loss"]) for h in self.history if h["train_loss"] is not None]
         evals = [(h["step"], h["eval_loss"]) for h in self.history if h["eval_loss"] is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), lw=1, alpha=0.7, label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
-        kept = f"kept (step {self.best_step})"
-        ax.axvline(self.best_step, color="grey", ls="--", lw=1, label=kept)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title(
-            f"recovery: {self.method} ({self.steps} steps, {self.seconds:.0f} s, "
-            f"{self.stop_reason})"
-        )
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        lrs = [(h["step"], h["lr"]) for h in self.history[1:] if h.get("lr") is not None]
+        with drawing(path, (7, 5.5), nrows=2, sharex=True, height_ratios=[3, 1.3]) as (_, axes):
+            ax, ax_lr = axes
+            if train:
+                ax.plot(*zip(*train, strict=True), lw=1, alpha=0.7, label="train loss")
+            if evals:
+                ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
+            kept = f"kept (step {self.best_step})"
+            ax.axvline(self.best_step, color="grey", ls="--", lw=1, label=kept)
+            ax.set_ylabel("loss")
+            ax.set_title(
+                f"recovery: {self.method} ({self.steps} steps, {self.tokens:,} tokens, "
+                f"{self.seconds:.0f} s, {self.stop_reason})"
+            )
+            ax.legend()
+            if lrs:
+                ax_lr.plot(*zip(*lrs, strict=True), color="tab:green", lw=1.2)
+            ax_lr.set_ylabel("learning rate")
+            ax_lr.set_xlabel("optimizer step")
         return path
 
 
@@ -211,6 +226,20 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def budget_lr_factor(used: float, warmup: float) -> float:
+    """Learning-rate multiplier of an update made when the fraction ``used ∈ [0, 1]`` of the
+    binding budget (elapsed/seconds or steps/steps, whichever is larger) is spent: linear
+    warm-up ``used/warmup`` over the first ``warmup`` fraction, then cosine decay
+    ``½(1 + cos(π·(used − warmup)/(1 − warmup)))`` over the rest. The schedule of a time
+    budget: it peaks at ``warmup`` of the budget (plus at most one step) whatever a step
+    costs, instead of after a fixed number of steps that may outlast the budget."""
+    used = min(max(used, 0.0), 1.0)
+    if used < warmup:
+        return used / warmup
+    p = (used - warmup) / (1.0 - warmup) if warmup < 1 else 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 # ---- the loop helpers --------------------------------------------------------------------
 def forward_logits(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = module(input_ids=ids, use_cache=False)
@@ -231,6 +260,7 @@ __all__ = [
     "RecoveryResult",
     "device_of",
     "forward_logits",
+    "budget_lr_factor",
     "lr_factor",
     "pack",
     "split_data",
