@@ -295,3 +295,95 @@ def test_cli_export(tmp_path, capsys):
     bad = save_pretrained(apply_plan(tiny_model("llama"), PER_LAYER_PLAN), tmp_path / "bad")
     assert main(["export", str(bad), "-o", str(tmp_path / "deci2")]) != 0
     assert "non-uniform query heads" in capsys.readouterr().err
+
+
+# ---- --serve decilm: a selection that exports -------------------------------------------------
+def _ffn_mult_llama(seed: int = 0) -> nn.Module:
+    """tiny Llama (5 layers, 8 query heads in 2 KV groups of 4) with 512-wide MLPs (hidden
+    64): widths that ffn_mult expresses are multiples of 256."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.intermediate_size = 512
+    config._attn_implementation = "eager"
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def _serve_scores(model: nn.Module):
+    """Head scores that make layer 0 cheapest to cut by a whole KV group and layer 1 by the
+    same count from each group; random neuron scores."""
+    from prunekit.core.scores import Scores
+    from prunekit.plugins import get_adapter
+
+    g = torch.Generator().manual_seed(0)
+    heads = [1 + torch.rand(8, generator=g) for _ in range(5)]
+    heads[0][:4] = 0.0  # group 0 of layer 0
+    heads[1][[0, 1, 4, 5]] = 0.0  # two heads of each group of layer 1
+    neurons = [torch.rand(512, generator=g) for _ in range(5)]
+    values = {"taylor": heads, "activation_frequency": neurons}
+    units = {"taylor": "heads", "activation_frequency": "neurons"}
+    return Scores(values, units, get_adapter(model).shapes(model))
+
+
+def test_serve_decilm_plan_exports_and_matches_the_reference(tmp_path):
+    from prunekit.core.select import Targets, select
+
+    model = _ffn_mult_llama()
+    scores = _serve_scores(model)
+    asked = dict(mode="per_layer", heads=20, neurons=0.3)
+    free = select(scores, Targets(**asked))
+    served = select(scores, Targets(**asked, serve="decilm"))
+    # per_layer without --serve: query-head counts differ per layer -> DeciLM refuses it
+    src = save_pretrained(apply_plan(_ffn_mult_llama(), free), tmp_path / "free")
+    with pytest.raises(ExportError, match="non-uniform query heads"):
+        export_decilm(src, tmp_path / "free-deci")
+    # --serve decilm: 4 query heads from every layer, protected ones too; layer 0 loses KV
+    # group 0, layer 1 two heads of each group (its KV heads stay)
+    assert sorted(served.heads) == [0, 1, 2, 3, 4]
+    assert all(len(h) == 4 for h in served.heads.values())
+    assert served.heads[0] == [0, 1, 2, 3] and served.heads[1] == [0, 1, 4, 5]
+    assert sorted(served.neurons) == [1, 2, 3]  # protected layers keep their MLP
+    assert all((512 - len(n)) % 256 == 0 for n in served.neurons.values())
+    assert served.meta["targets"]["round_to"] == 256 and served.meta["targets"]["serve"] == "decilm"
+    apply_plan(model, served)
+    src = save_pretrained(model, tmp_path / "served")
+    assert VLLM_DECILM in loadable_by(src)
+    export_decilm(src, tmp_path / "deci", require_ffn_mult=True)
+    ids = ids_for_test()
+    torch.testing.assert_close(
+        DeciLMReference(tmp_path / "deci").logits(ids), logits(model, ids), atol=1e-5, rtol=1e-5
+    )
+    config = json.loads((tmp_path / "deci" / "config.json").read_text())
+    assert config["num_attention_heads"] == 4
+    groups = [b["attention"]["n_heads_in_group"] for b in config["block_configs"]]
+    assert groups[0] == 4 and groups[1] == 2  # 1 KV head vs 2 KV heads, 4 query heads each
+    assert all(b["ffn"]["ffn_mult"] in (6.0, 12.0) for b in config["block_configs"])
+
+
+def test_serve_decilm_refuses_what_it_cannot_make():
+    from prunekit.core.scores import Scores
+    from prunekit.core.select import Targets, select
+    from prunekit.core.shapes import LayerShape
+
+    with pytest.raises(ValueError, match=r"serve must be one of \('decilm',\)"):
+        Targets(serve="vllm")
+    uneven = [LayerShape(8, 2, 8, 96), LayerShape(4, 1, 8, 96), LayerShape(8, 2, 8, 96)]
+    rows = {"taylor": [torch.rand(s.n_heads) for s in uneven]}
+    targets = Targets(mode="per_layer", heads=4, serve="decilm")
+    with pytest.raises(ValueError, match=r"layers already differ \(layer 0: 8, layer 1: 4"):
+        select(Scores(rows, {"taylor": "heads"}, uneven), targets)
+    even = [LayerShape(8, 2, 8, 96)] * 3
+    rows = {"taylor": [torch.rand(8) for _ in even]}
+    with pytest.raises(ValueError, match=r"below half the smallest step.*\(6: 2 query heads"):
+        select(
+            Scores(rows, {"taylor": "heads"}, even),
+            Targets(mode="per_layer", heads=2, serve="decilm"),
+        )
+    # min_heads=5 leaves only r=2 (per group) in every layer; 7 heads -> r=2 everywhere
+    plan = select(
+        Scores(rows, {"taylor": "heads"}, even),
+        Targets(mode="per_layer", heads=7, min_heads=5, serve="decilm"),
+    )
+    assert [len(plan.heads[i]) for i in range(3)] == [2, 2, 2]
+    assert "serve='decilm' removes one query-head count" in plan.meta["adjusted"][0]

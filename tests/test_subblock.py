@@ -265,3 +265,52 @@ def test_plan_for_and_cli_remove_attention_end_to_end(tmp_path):
     assert f"Loads in: {REMOTE_CODE}" in (out / "report.md").read_text()
     reloaded, _ = load_pretrained(out)
     assert sum(not s.has_attention for s in get_adapter(reloaded).shapes(reloaded)) == 1
+
+
+# ---- iterative steps --------------------------------------------------------------------
+def test_iterative_steps_split_subblock_targets():
+    """The recipe's ``iterative`` splits attention/mlps targets over the steps like layers
+    (a sub-block removed in an earlier step counts; a layer removed whole is none), and the
+    heads fraction is of the layers that still have attention."""
+    from prunekit.core.targets import Targets, step_targets, unit_counts
+
+    dense = [LayerShape(8, 2, 8, 96)] * 10
+    counts = unit_counts(dense)
+    assert (counts["attention"], counts["mlps"], counts["heads"]) == (10, 10, 80)
+    t = Targets(attention=4, mlps=0.2, heads=0.25, layers=2)
+    first = step_targets(t, 2, 1, counts, dense)
+    assert (first.attention, first.mlps, first.layers, first.heads) == (2, 1, 1, 0.125)
+    # after step 1: one layer gone, attention of 2 layers, MLP of 1, and 2 of 8 query heads
+    # from 4 of the 7 layers that keep attention
+    s = LayerShape(8, 2, 8, 96)
+    after = [s.without(attention=True)] * 2 + [s.without(mlp=True)]
+    after += [LayerShape(6, 2, 8, 96)] * 4 + [s] * 2
+    second = step_targets(t, 2, 2, counts, after)
+    assert (second.attention, second.mlps, second.layers) == (2, 1, 1)
+    done = 8 / 56  # of the 7 layers with attention
+    assert second.heads == pytest.approx((0.25 - done) / (1 - done))
+    assert step_targets(t, 1, 1, counts, dense) is t
+
+
+def test_iterative_compress_removes_the_attention_target_once(tmp_path):
+    from conftest import brown_text, tiny_tokenizer, wiki_text
+
+    from prunekit import Recipe, compress
+
+    (tmp_path / "calib.txt").write_text(brown_text()[:20_000], encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(wiki_text()[:2_000], encoding="utf-8")
+    recipe = Recipe.from_dict(
+        {
+            "targets": {"attention": 2, "mlps": 1},
+            "iterative": 2,
+            "calibration": {"source": str(tmp_path / "calib.txt"), "n_samples": 4, "seq_len": 16},
+            "evaluation": {"text": "none", "latency": False},
+        }
+    )
+    model = tiny_model("llama")
+    result = compress(model, recipe, tmp_path / "out", tokenizer=tiny_tokenizer(), progress=False)
+    assert [len(p.attention) for p in result.plans] == [1, 1]
+    assert sum(len(p.mlp) for p in result.plans) == 1
+    shapes = get_adapter(model).shapes(model)
+    assert sum(not s.has_attention for s in shapes) == 2
+    assert sum(not s.has_mlp for s in shapes) == 1

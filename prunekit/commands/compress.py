@@ -25,6 +25,7 @@ _FLAG_FIELDS = {
             "attention_scorer",
             "mlp_scorer",
             "mode",
+            "serve",
         )
     ],
     "calibration": [
@@ -223,6 +224,11 @@ def add_parser(sub) -> None:
         "--mode",
         choices=("uniform", "per_layer"),
         help="uniform: same shape in every layer (stock loadable); per_layer: free",
+    )
+    g.add_argument(
+        "--serve",
+        choices=("decilm",),
+        help="select only shapes a serving format expresses (decilm: `prunekit export` works)",
     )
     _option_flag(
         g,

@@ -3,9 +3,8 @@
 Rules (each enforced, each covered by property-based tests):
 
 - **Counts.** A float in [0, 1) is a fraction of the total, an int ≥ 1 a count. Heads are
-  counted in query heads. When layers are removed too, the head and neuron totals are those of
-  the *kept* layers (a removed layer's heads and neurons are gone already and count toward
-  nothing), e.g. ``heads=0.25`` removes a quarter of the query heads that the kept layers hold.
+  counted in query heads, of the *kept* layers when layers are removed too (a removed layer's
+  units count toward nothing): ``heads=0.25`` removes a quarter of the kept layers' heads.
 - **Protection.** The first ``protect_first`` and last ``protect_last`` layers are never
   removed. In ``per_layer`` mode their heads and neurons are left whole too; ``uniform`` mode
   prunes every kept layer by the same amount (that is what makes the result loadable by a
@@ -19,22 +18,20 @@ Rules (each enforced, each covered by property-based tests):
   every KV group of a layer (the lowest-scoring ones in each group). Either way every layer
   keeps at least one KV group and at least ``min_heads`` query heads. For multi-head attention
   (one query head per KV head) both are the same: heads are removed one by one.
-- **Uniform mode** removes the same number of units from every kept layer; a target that is
-  not a multiple of the step (query heads per removed unit × layers) is rounded to the nearest
-  achievable count (``plan.meta["adjusted"]`` says asked vs removed and why; compress prints
-  it); a target that rounds to zero, or a count above what the layers hold, is an error.
+- **Uniform mode** removes the same number of units from every kept layer; a target off the
+  step (query heads per removed unit × layers) is rounded to the nearest achievable count
+  (``plan.meta["adjusted"]`` says asked vs removed and why); zero or too many is an error.
   **Per-layer mode** ranks units globally across layers and removes the lowest.
 - **Rounding.** Kept MLP widths are rounded to the nearest multiple of ``round_to`` (never
   above the layer's width and never below ``round_to``; ``round_to=1`` disables it).
-- **Layer steps** (SLEB, Song et al. 2024): with ``layer_steps=k > 1``, :func:`plan_for`
-  removes the layers of *one* selection in k steps and re-scores the model (with the layers
-  chosen so far masked out) before each step, instead of ranking once. This is a loop inside
-  one selection, on a model that is not modified; the recipe's ``iterative`` is the outer loop
-  that repeats score → select → prune (→ recover) on the pruned model. ``iterative_layers`` is
-  the old name of ``layer_steps`` and still accepted.
+- **Layer steps** (SLEB, Song et al. 2024): ``layer_steps=k > 1`` makes :func:`plan_for`
+  remove the layers of one selection in k steps, re-scoring an unmodified model with the
+  chosen layers masked before each; the recipe's ``iterative`` is the outer score → select →
+  prune (→ recover) loop. ``iterative_layers`` is the old name of ``layer_steps``.
+- **Serving** (``serve="decilm"``): only shapes the format expresses (one query-head count,
+  ``ffn_mult`` widths), see :mod:`prunekit.core.serve_shapes`.
 
-Scorer names are resolved once (:func:`resolve_scorers`); the selection holds the scorer
-objects and reads their metadata (``block``), never their names.
+Scorer names are resolved once (:func:`resolve_scorers`); the selection reads metadata only.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ import torch
 from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
 from prunekit.core.scores import Scores, get_scorer, group_sums, is_block, score
+from prunekit.core.serve_shapes import serve_heads, serve_targets
 from prunekit.core.subblocks import select_subblocks
 from prunekit.core.targets import Targets, count_of, resolve_scorers, scorer_configs
 
@@ -101,10 +99,8 @@ def _best_block(values: torch.Tensor, k: int, lo: int, hi: int) -> list[int]:
     ``D[k-1, start]``, or by the sum of per-layer scores."""
     best, best_cost = None, math.inf
     for start in range(lo, hi - k + 1):
-        if values.dim() == 2:
-            cost = float(values[k - 1, start])
-        else:
-            cost = float(values[start : start + k].sum())
+        block = values[k - 1, start] if values.dim() == 2 else values[start : start + k].sum()
+        cost = float(block)
         if not math.isnan(cost) and cost < best_cost:
             best, best_cost = start, cost
     if best is None:
@@ -113,10 +109,10 @@ def _best_block(values: torch.Tensor, k: int, lo: int, hi: int) -> list[int]:
 
 
 # ---- heads -----------------------------------------------------------------------------------
-def _pool(L: int, targets: Targets, removed: list[int]) -> list[int]:
-    """The layers that may lose heads or neurons."""
+def _pool(L: int, targets: Targets, removed: list[int], unit: str = "neurons") -> list[int]:
+    """The layers that may lose heads or neurons (``serve``: every layer loses heads)."""
     kept = [i for i in range(L) if i not in set(removed)]
-    if targets.mode == "per_layer":
+    if targets.mode == "per_layer" and not (unit == "heads" and targets.serve):
         kept = [i for i in kept if targets.protect_first <= i < L - targets.protect_last]
     return kept
 
@@ -125,11 +121,10 @@ def _unit_pool(
     scores: Scores, targets: Targets, removed: list[int], scorer: Any, unit: str
 ) -> tuple[list[torch.Tensor], list[int], int]:
     """For heads or neurons: the per-layer score rows of ``scorer`` (resolved from the
-    targets if ``None``), the layers that may lose units, and how many units to remove (0 when
-    none may)."""
+    targets if ``None``), the layers that may lose units, how many to remove (0: none may)."""
     scorer = scorer or get_scorer(targets.scorer_name(unit), unit)
     rows = scores.layer_rows(scorer.name)
-    pool = _pool(scores.n_layers, targets, removed)
+    pool = _pool(scores.n_layers, targets, removed, unit)
     total = _unit_total(scores.shapes, pool, unit)
     k = count_of(getattr(targets, unit), total)
     if pool and k >= total and (unit == "neurons" or k > total):
@@ -164,6 +159,8 @@ def select_heads(
     if k == 0:
         return {}
     shapes = scores.shapes
+    if targets.serve and targets.mode == "per_layer":  # one query-head count in every layer
+        return serve_heads(rows, shapes, pool, k, targets)
     by_groups = targets.head_removal == "groups" or any(shapes[i].group_size == 1 for i in pool)
     if targets.mode == "uniform":
         return _heads_uniform(rows, shapes, pool, k, targets, by_groups)
@@ -268,9 +265,8 @@ def _heads_per_layer(rows, shapes, pool, k, targets, by_groups) -> dict:
 
 # ---- neurons ---------------------------------------------------------------------------------
 def round_width(kept: int, width: int, round_to: int) -> int:
-    """``kept`` rounded to the nearest multiple of ``round_to``, within [round_to, width]
-    (the floor multiple if the nearest exceeds ``width``); unchanged when ``round_to`` is 1 or
-    larger than the width."""
+    """``kept`` rounded to the nearest multiple of ``round_to`` within [round_to, width] (else
+    the floor multiple); unchanged when ``round_to`` is 1 or larger than the width."""
     if round_to <= 1 or width < round_to:
         return max(1, min(kept, width))
     r = int(round(kept / round_to)) * round_to
@@ -326,6 +322,7 @@ def select(
     if not scores.shapes:
         raise ValueError("scores carry no layer shapes; make them with prunekit.score")
     scorers = resolve_scorers(targets) if scorers is None else scorers
+    targets = serve_targets(targets)  # a serving format's MLP width multiple
     if layers is None:
         layers = select_layers(scores, targets, scorer=scorers["layers"]) if targets.layers else []
     attention, mlp = select_subblocks(scores, targets, layers, scorers)
@@ -360,6 +357,8 @@ def _why_adjusted(unit: str, targets: Targets) -> str:
             return f"uniform mode removes the same count from every kept layer and {rounding}"
         return rounding
     if targets.mode == "per_layer":
+        if targets.serve:
+            return f"serve={targets.serve!r} removes one query-head count from every layer"
         return f"every layer keeps at least one KV group and min_heads={targets.min_heads}"
     if targets.head_removal == "groups":
         return "uniform mode removes whole KV groups, the same number from every kept layer"
@@ -375,7 +374,7 @@ def adjustments(plan: PrunePlan, shapes: list, targets: Targets) -> list[str]:
         if not amount:
             continue
         gone = plan.attention if unit == "heads" else plan.mlp  # as select() pools them
-        kept = _pool(len(shapes), targets, [*plan.layers, *gone])
+        kept = _pool(len(shapes), targets, [*plan.layers, *gone], unit)
         total = _unit_total(shapes, kept, unit)
         asked = count_of(amount, total)
         got = sum(len(v) for v in getattr(plan, unit).values())

@@ -19,6 +19,8 @@ from prunekit.core.scores import get_scorer, is_block
 
 MODES = ("uniform", "per_layer")
 HEAD_REMOVALS = ("groups", "per_group")
+#: serving formats a selection can be constrained to (``Targets.serve``, core/serve_shapes.py)
+SERVE_FORMATS = ("decilm",)
 #: what a target can remove: whole layers, heads, neurons, attention / MLP sub-blocks
 UNITS = ("layers", "heads", "neurons", "attention", "mlps")
 
@@ -87,6 +89,13 @@ class Targets:
         default=False,
         metadata={"help": "remove one contiguous block of layers (always so for a block scorer)"},
     )
+    serve: str | None = field(
+        default=None,
+        metadata={
+            "help": "constrain the selection to shapes a serving format expresses: 'decilm' "
+            "(one query-head count in every layer, MLP widths that ffn_mult expresses)"
+        },
+    )
     layer_steps: int = field(
         default=1,
         metadata={
@@ -116,6 +125,8 @@ class Targets:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.serve is not None and self.serve not in SERVE_FORMATS:
+            raise ValueError(f"serve must be one of {SERVE_FORMATS} or None, got {self.serve!r}")
         if self.head_removal not in HEAD_REMOVALS:
             raise ValueError(
                 f"head_removal must be one of {HEAD_REMOVALS}, got {self.head_removal!r}"
@@ -219,12 +230,23 @@ def count_of(amount: float | int, total: int) -> int:
 
 
 def unit_counts(shapes: list) -> dict[str, int]:
-    """Layers, query heads and MLP neurons of a model of ``shapes``."""
+    """Layers, query heads, MLP neurons, attention and MLP sub-blocks of a model of
+    ``shapes``."""
     return {
         "layers": len(shapes),
         "heads": sum(s.n_heads for s in shapes),
         "neurons": sum(s.intermediate for s in shapes),
+        "attention": sum(s.has_attention for s in shapes),
+        "mlps": sum(s.has_mlp for s in shapes),
     }
+
+
+#: unit -> (LayerShape size, LayerShape flag saying the sub-block is there)
+_SIZES = {"heads": ("n_heads", "has_attention"), "neurons": ("intermediate", "has_mlp")}
+
+
+def _goal_fraction(goal: float | int, total: int) -> float:
+    return goal if isinstance(goal, float) else goal / total if total else 0.0
 
 
 def step_targets(
@@ -233,25 +255,29 @@ def step_targets(
     """Targets for iteration ``step`` (1-based) of ``k`` (the recipe's ``iterative``).
 
     The cumulative goal grows linearly with the step: after step s of k, a fraction s/k of
-    each target is removed. Layers are counted against the dense layer count; heads and
-    neurons as a fraction of those of the kept layers (the selection's rule), so each step asks
+    each target is removed. Layers, attention and MLP sub-blocks are counted against the dense
+    layer count (each step asks for the count still missing: a sub-block removed in an earlier
+    step counts, a layer removed whole is no sub-block); heads and neurons as a fraction of
+    those of the layers that still have the sub-block (the selection's rule), so each step asks
     for the fraction of the *current* model that reaches the cumulative goal."""
     if k == 1:
         return t
     n_layers0 = dense_counts["layers"]
     changes: dict[str, Any] = {}
-    for unit in ("layers", "heads", "neurons"):
-        goal = getattr(t, unit)
-        total0 = dense_counts[unit]
-        goal_frac = goal if isinstance(goal, float) else goal / total0
-        cum = goal_frac * step / k
+    for unit in ("layers", "attention", "mlps"):
+        cum = round(_goal_fraction(getattr(t, unit), n_layers0) * step / k * n_layers0)
         if unit == "layers":
-            todo = round(cum * n_layers0) - (n_layers0 - len(shapes))
-            changes[unit] = max(todo, 0)
-            continue
-        per_layer0 = total0 / n_layers0
-        current = sum(getattr(s, "n_heads" if unit == "heads" else "intermediate") for s in shapes)
-        done = 1 - current / (per_layer0 * len(shapes))
+            done = n_layers0 - len(shapes)
+        else:
+            flag = "has_attention" if unit == "attention" else "has_mlp"
+            done = sum(not getattr(s, flag) for s in shapes)
+        changes[unit] = max(cum - done, 0)
+    for unit, (size, flag) in _SIZES.items():
+        total0 = dense_counts[unit]
+        cum = _goal_fraction(getattr(t, unit), total0) * step / k
+        present = [s for s in shapes if getattr(s, flag)]
+        full = total0 / n_layers0 * len(present)
+        done = 1 - sum(getattr(s, size) for s in present) / full if full else 1.0
         changes[unit] = max(0.0, (cum - done) / (1 - done)) if done < 1 else 0.0
     return dataclasses.replace(t, **changes)
 
@@ -259,6 +285,7 @@ def step_targets(
 __all__ = [
     "HEAD_REMOVALS",
     "MODES",
+    "SERVE_FORMATS",
     "UNITS",
     "Targets",
     "count_of",
