@@ -337,6 +337,62 @@ def test_full_recovery_keeps_tied_embeddings_tied():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+# ---- dtype ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_model_trains_with_fp32_optimizer_state_and_stays_bf16(method, monkeypatch):
+    from prunekit.core import recovery_loop
+
+    seen = []
+
+    class Spy(recovery_loop.MasterOptimizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    monkeypatch.setattr(recovery_loop, "MasterOptimizer", Spy)
+    _, model = pruned()
+    model.to(torch.bfloat16)
+    config = RecoveryConfig(method=method, steps=30, lr=3e-3 if method == "lora" else 1e-3, **FAST)
+    result = recover(model, TEXT, config, progress=False)
+    assert result.best_eval_loss < 0.9 * result.initial_eval_loss
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    (opt,) = seen
+    assert all(m.dtype == torch.float32 for m in opt.masters)
+    states = list(opt.optimizer.state.values())
+    assert states and all(
+        st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32 for st in states
+    )
+    if method == "full":  # the masters are fp32 copies, written back rounded to bf16
+        assert all(m is not p for m, p in zip(opt.masters, opt.params, strict=True))
+    else:  # peft keeps LoRA adapters in fp32 on a bf16 base: optimised directly
+        assert all(m is p for m, p in zip(opt.masters, opt.params, strict=True))
+
+
+def test_master_weights_keep_updates_bf16_would_round_away():
+    """An update of 1e-4 on a weight of 1.0 is below bf16's resolution (2^-7 = 0.0078): a
+    bf16 optimizer loses all 50 of them; the fp32 master accumulates them to 0.005, and the
+    bf16 weight moves when the master has moved far enough."""
+    from prunekit.core.recovery_loop import MasterOptimizer
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    config = RecoveryConfig(lr=1e-4, max_grad_norm=None)
+    opt = MasterOptimizer([p], config)
+    for _ in range(50):
+        opt.zero_grad()
+        p.grad = torch.full_like(p, -1.0)  # Adam's step is ~lr whatever the gradient scale
+        opt.step(1e-4)
+    assert opt.masters[0].dtype == torch.float32
+    assert float(opt.masters[0].detach()[0]) == pytest.approx(1.005, abs=2e-4)
+    assert float(p[0]) == float(opt.masters[0].detach()[0].to(torch.bfloat16))
+    plain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    adam = torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0)
+    for _ in range(50):
+        plain.grad = torch.full_like(plain, -1.0)
+        adam.step()
+    assert float(plain[0]) == 1.0  # every update rounded away
+
+
 # ---- distillation --------------------------------------------------------------------------
 @pytest.mark.parametrize("base", ["lora", "full"])
 def test_distill_from_identical_teacher_is_zero(base):

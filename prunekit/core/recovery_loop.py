@@ -197,6 +197,47 @@ class Best:
             self.bad_evals += 1
 
 
+class MasterOptimizer:
+    """AdamW whose weights and state are fp32 whatever the model's dtype: a 16-bit trainable
+    parameter gets an fp32 master copy, its gradient is cast to fp32 before clipping and
+    the update, and the updated master is cast back into the model's parameter (so tiny
+    updates accumulate in the master instead of rounding away in bf16). fp32 parameters (LoRA
+    adapters, which peft keeps in fp32 on a 16-bit base) are optimised directly."""
+
+    LOW = (torch.float16, torch.bfloat16)
+
+    def __init__(self, params: list[nn.Parameter], config: Any):
+        self.params = params
+        self.masters = [
+            p.detach().float().clone().requires_grad_(True) if p.dtype in self.LOW else p
+            for p in params
+        ]
+        self.config = config
+        self.optimizer = torch.optim.AdamW(
+            self.masters, lr=config.lr, weight_decay=config.weight_decay
+        )
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, m in zip(self.params, self.masters, strict=True):
+            if m is not p:
+                p.grad = None
+
+    def step(self, lr: float) -> None:
+        for p, m in zip(self.params, self.masters, strict=True):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.masters, self.config.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters, strict=True):
+                if m is not p:
+                    p.copy_(m)
+
+
 def batches(
     rows: torch.Tensor, batch_size: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -218,7 +259,7 @@ def train(
     params = [p for p in run.session.params.values() if p.requires_grad]
     if not params:
         raise ValueError(f"recovery method {config.method!r} left nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = MasterOptimizer(params, config)
     stream = batches(train_rows, config.batch_size, config.seed)
     budget = Budget(config.steps, config.minutes * 60 if config.minutes is not None else None)
     schedule = Schedule(config, budget)
@@ -231,17 +272,13 @@ def train(
     bar = Bar(budget, f"recover[{config.method}]", progress)
     while (stop_reason := budget.spent(step)) is None:
         bar.start()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         train_loss, n = run.accumulate(stream)
         if not math.isfinite(train_loss):
             stop_reason = "non-finite loss"
             break
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         lr = config.lr * schedule.factor(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        optimizer.step(lr)
         step, tokens = step + 1, tokens + n
         row = dict(step=step, train_loss=train_loss, eval_loss=None, lr=lr, tokens=tokens)
         history.append({**row, "seconds": budget.elapsed()})
