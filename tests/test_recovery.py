@@ -8,6 +8,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, logits, run_python, tiny_model
@@ -406,6 +407,99 @@ def test_distill_from_identical_teacher_is_zero(base):
     assert result.best_step == 0  # nothing beats zero, so the initial weights are kept
     for k, v in state(student).items():
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def _first_step_loss(dense, config, teacher_kind: str, k: int | None = None) -> float:
+    from prunekit.core.teacher_cache import TeacherCache
+
+    student = apply_plan(copy.deepcopy(dense), PrunePlan(layers=[1, 3]))
+    if teacher_kind == "cache":
+        teacher = TeacherCache.build(dense, TEXT, config, k=k, dtype=torch.float32)
+    else:
+        teacher = dense
+    result = recover(student, TEXT, config, teacher=teacher, progress=False)
+    return result.history[1]["train_loss"], result.initial_eval_loss
+
+
+def test_distill_from_full_vocab_cache_equals_live_teacher():
+    dense = tiny_model("llama")
+    config = RecoveryConfig(method="distill", steps=1, alpha_lm=0.3, **FAST)
+    live = _first_step_loss(dense, config, "live")
+    cached = _first_step_loss(dense, config, "cache", k=VOCAB)
+    assert cached == pytest.approx(live, rel=1e-5)
+    top16 = _first_step_loss(dense, config, "cache", k=16)  # top-k truncation: a lower bound
+    assert top16[0] < live[0] and top16[0] == pytest.approx(live[0], rel=0.35)
+
+
+def test_topk_kl_equals_full_kl_at_full_k_and_bounds_it_below():
+    from prunekit.core.training import LOG_ZERO, TeacherTopK, distill_topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), 3 * torch.randn(2, 5, 11, generator=g)
+    temp = 2.0
+    logp = torch.log_softmax(t / temp, -1)
+
+    def topk(k):
+        top, index = logp.topk(k, -1)
+        rest = logp.scatter(-1, index, LOG_ZERO).logsumexp(-1).clamp_min(LOG_ZERO)
+        return TeacherTopK(top, index, rest, temp)
+
+    full = distill_kl(s, t, temp)
+    torch.testing.assert_close(distill_topk_kl(s, topk(11), temp), full, atol=1e-6, rtol=1e-6)
+    for k in (1, 3, 6):
+        assert distill_topk_kl(s, topk(k), temp) <= full + 1e-6
+    assert distill_topk_kl(t, topk(4), temp).item() == pytest.approx(0.0, abs=1e-6)
+    student = s.clone().requires_grad_(True)
+    distill_topk_kl(student, topk(11), temp).backward()
+    assert torch.isfinite(student.grad).all()  # no NaN from the empty rest bucket
+    with pytest.raises(ValueError, match="temperature"):
+        distill_topk_kl(s, topk(3), 1.0)
+
+
+def test_cache_is_small_on_disk_checks_its_rows_and_is_removed():
+    import gc
+
+    from prunekit.core.teacher_cache import TeacherCache
+
+    dense, student = pruned()
+    config = RecoveryConfig(method="distill", steps=2, **FAST)
+    cache = TeacherCache.build(dense, TEXT, config, k=8)
+    train, held = split_data(TEXT, None, config)
+    n_tokens = (train.shape[0] + held.shape[0]) * config.seq_len
+    assert cache.nbytes == n_tokens * (8 * (2 + 4) + 4)  # fp16 values, int32 indices, rest
+    assert cache.index.dtype == np.int32 and cache.logp.dtype == np.float16
+    directory = cache.directory
+    assert sorted(p.name for p in directory.iterdir()) == ["index.bin", "logp.bin", "rest.bin"]
+    with pytest.raises(ValueError, match="other token rows"):
+        recover(student, TEXT[12:], config, teacher=cache, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        other = RecoveryConfig(method="distill", steps=2, temperature=1.0, **FAST)
+        recover(student, TEXT, other, teacher=cache, progress=False)
+    result = recover(student, TEXT, config, teacher=cache, progress=False)
+    assert result.steps == 2
+    del cache
+    gc.collect()
+    assert not directory.exists()
+
+
+def test_distill_from_cache_lowers_held_out_loss_without_a_teacher_copy(monkeypatch):
+    from prunekit.core.teacher_cache import TeacherCache
+
+    dense = tiny_model("llama")
+    config = RecoveryConfig(method="distill", steps=40, lr=3e-3, alpha_lm=0.5, **FAST)
+    cache = TeacherCache.build(dense, TEXT, config)  # before pruning
+    apply_plan(dense, PrunePlan(layers=[1, 3]))  # the same model object is now the student
+
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copy(obj, *args, **kwargs):  # configs and dicts may still be copied
+        if isinstance(obj, torch.nn.Module):
+            raise AssertionError(f"copy.deepcopy of a {type(obj).__name__}")
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copy)
+    result = recover(dense, cache.ids, config, teacher=cache, progress=False)
+    assert result.best_eval_loss < 0.9 * result.initial_eval_loss
 
 
 def test_distill_needs_a_separate_teacher():

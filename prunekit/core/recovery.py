@@ -99,6 +99,14 @@ class RecoveryConfig:
     temperature: float = field(default=2.0, metadata=_help("distillation temperature T"))
     alpha_kl: float = field(default=1.0, metadata=_help("weight of the KL term (distill)"))
     alpha_lm: float = field(default=0.0, metadata=_help("weight of the LM loss (distill)"))
+    distill_topk: int = field(
+        default=64,
+        metadata=_help(
+            "compress caches the dense model's top-k log-probabilities per token on disk "
+            "before pruning and distils from them (no teacher copy, no teacher forward per "
+            "step); 0: keep a dense copy in memory as the teacher"
+        ),
+    )
     distill_base: str = field(
         default="lora", metadata=_help("what distill trains: 'lora' adapters or 'full' weights")
     )
@@ -156,6 +164,8 @@ class RecoveryConfig:
             raise bad("temperature", "a number > 0")
         if self.alpha_kl < 0 or self.alpha_lm < 0 or self.alpha_kl + self.alpha_lm == 0:
             raise bad("alpha_kl", "alpha_kl and alpha_lm must be >= 0 and not both 0")
+        if not isinstance(self.distill_topk, int) or self.distill_topk < 0:
+            raise bad("distill_topk", "an integer >= 0 (0: a dense teacher copy in memory)")
         if self.distill_base not in ("lora", "full"):
             raise bad("distill_base", "'lora' or 'full'")
         if self.weight_decay < 0:
@@ -255,10 +265,12 @@ def recover(
     """Recover a pruned causal LM in place and return what happened.
 
     ``train_ids``: token ids (``[n, seq_len]`` rows or any tensor, packed into ``seq_len``
-    chunks); calibration text such as Brown, never the evaluation text. ``teacher``: the dense
-    model, required by ``distill`` (ignored otherwise). ``eval_ids``: held-out ids (default:
-    a held-out tail of ``train_ids``). ``method``: the recovery method object, when the caller
-    has resolved it already (default: ``get_method(config.method)``).
+    chunks); calibration text such as Brown, never the evaluation text. ``teacher``: for
+    ``distill`` (ignored otherwise), the dense model, or a
+    :class:`~prunekit.core.teacher_cache.TeacherCache` built from it before pruning on the
+    same ``train_ids``/``eval_ids``/config (no teacher forward per step). ``eval_ids``:
+    held-out ids (default: a held-out tail of ``train_ids``). ``method``: the recovery method
+    object, when the caller has resolved it already (default: ``get_method(config.method)``).
 
     The model ends in its best held-out state: if no evaluation beats the initial held-out
     loss, the initial weights are restored. LoRA adapters are merged, so the model has no
@@ -274,10 +286,13 @@ def recover(
             "(judge pruned encoders by embedding similarity instead)"
         )
     train_rows, eval_rows = split_data(train_ids, eval_ids, config)
+    cached = teacher is not None and not isinstance(teacher, nn.Module)
+    if cached:
+        teacher.check(train_rows, eval_rows, config)
 
     was_training = model.training
-    teacher_training = teacher.training if teacher is not None else False
-    if teacher is not None:
+    teacher_training = teacher.training if teacher is not None and not cached else False
+    if teacher is not None and not cached:
         teacher.eval()
     rng_devices = [device_of(model)] if device_of(model).type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
@@ -289,7 +304,7 @@ def recover(
         finally:
             session.finish()
             model.train(was_training)
-            if teacher is not None:
+            if teacher is not None and not cached:
                 teacher.train(teacher_training)
     return result
 
@@ -315,6 +330,10 @@ def _check_teacher(method: Any, model: nn.Module, teacher: nn.Module | None) -> 
         )
     if teacher is model:
         raise ValueError("teacher is the student itself; pass a separate copy of the dense model")
+    if not isinstance(teacher, nn.Module) and not hasattr(teacher, "lookup"):
+        raise TypeError(
+            f"teacher must be the dense model or a TeacherCache, not {type(teacher).__name__}"
+        )
     return teacher
 
 

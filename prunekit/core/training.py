@@ -63,6 +63,58 @@ def distill_kl(
     return kl.mean() * (t * t)
 
 
+@dataclass
+class TeacherTopK:
+    """The teacher's output for a batch, as cached before pruning
+    (:mod:`prunekit.core.teacher_cache`): per token the ``k`` largest log-probabilities at
+    temperature ``temperature`` (``logp``, ``[B, S, k]``), their vocabulary ``index``
+    (``[B, S, k]``), and ``log_rest`` (``[B, S]``), the log of the probability left to the
+    other tokens (``-1e30`` when there is none, e.g. ``k`` = vocabulary)."""
+
+    logp: torch.Tensor
+    index: torch.Tensor
+    log_rest: torch.Tensor
+    temperature: float
+
+
+#: stands in for log(0) in the cached "rest" bucket: finite, so gradients stay finite
+LOG_ZERO = -1e30
+
+
+def distill_topk_kl(
+    student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float
+) -> torch.Tensor:
+    """:func:`distill_kl` against a cached top-k teacher: the KL divergence between the
+    teacher's and the student's distributions over ``k + 1`` buckets (the teacher's top-k
+    tokens, and everything else as one),
+
+        L = T² · mean_tokens [ Σ_{i ∈ K} p_i (log p_i − log q_i) + p_R (log p_R − log q_R) ]
+
+    with ``q = softmax(z_s / T)``, ``p_R = 1 − Σ_K p_i`` and ``q_R = 1 − Σ_K q_i``. It is a
+    lower bound of the full KL that tends to it as ``p_R → 0``, and equals it when ``k`` is
+    the vocabulary size. Zero when the student matches the teacher."""
+    t = float(temperature)
+    if abs(teacher.temperature - t) > 1e-9:
+        raise ValueError(
+            f"the teacher cache holds log-probabilities at temperature {teacher.temperature}, "
+            f"not {t}; rebuild it with the recovery config's temperature"
+        )
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    index = teacher.index.to(log_q.device).long()
+    if index.shape[:-1] != log_q.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} do not match the cached teacher "
+            f"{tuple(index.shape)}; the cache was built for other rows"
+        )
+    log_q_k = log_q.gather(-1, index)
+    log_q_rest = log_q.scatter(-1, index, LOG_ZERO).logsumexp(-1)
+    log_p = teacher.logp.to(log_q.device).float()
+    log_p_rest = teacher.log_rest.to(log_q.device).float()
+    kl = (log_p.exp() * (log_p - log_q_k)).sum(-1)
+    kl = kl + log_p_rest.exp() * (log_p_rest - log_q_rest.clamp_min(LOG_ZERO))
+    return kl.mean() * (t * t)
+
+
 # ---- what is trained -----------------------------------------------------------------------
 @dataclass
 class TrainingSession:
@@ -266,6 +318,8 @@ __all__ = [
     "split_data",
     "TrainingSession",
     "distill_kl",
+    "distill_topk_kl",
+    "TeacherTopK",
     "lm_loss",
     "requires_grad_flags",
     "set_requires_grad_flags",

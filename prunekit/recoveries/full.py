@@ -9,8 +9,10 @@ from torch import nn
 
 from prunekit.core.recovery import RecoveryMethod
 from prunekit.core.training import (
+    TeacherTopK,
     TrainingSession,
     distill_kl,
+    distill_topk_kl,
     lm_loss,
     requires_grad_flags,
     set_requires_grad_flags,
@@ -40,8 +42,10 @@ class FullRecovery(RecoveryMethod):
 class DistillRecovery(RecoveryMethod):
     """Distillation from the dense teacher (Minitron, Muralidharan et al. 2024): the student
     minimises ``α_kl · T²·KL(p_teacher^T ‖ p_student^T) + α_lm · CE`` on the same batches the
-    teacher sees. ``distill_base`` picks what is trained: LoRA adapters (merged at the end) or
-    all weights."""
+    teacher sees. The teacher is the dense model, or its top-k log-probabilities cached
+    before pruning (:mod:`prunekit.core.teacher_cache`; the KL over the top-k tokens and one
+    bucket for the rest). ``distill_base`` picks what is trained: LoRA adapters (merged at the
+    end) or all weights."""
 
     name = "distill"
     description = "KL to the dense teacher's logits (temperature T, T² scaling) + optional LM loss"
@@ -54,7 +58,11 @@ class DistillRecovery(RecoveryMethod):
     def objective(self, student_logits, input_ids, teacher_logits, config) -> torch.Tensor:
         if teacher_logits is None:
             raise ValueError("distill needs teacher logits; pass teacher=<dense model>")
-        loss = config.alpha_kl * distill_kl(student_logits, teacher_logits, config.temperature)
+        if isinstance(teacher_logits, TeacherTopK):  # from a TeacherCache
+            kl = distill_topk_kl(student_logits, teacher_logits, config.temperature)
+        else:
+            kl = distill_kl(student_logits, teacher_logits, config.temperature)
+        loss = config.alpha_kl * kl
         if config.alpha_lm:
             loss = loss + config.alpha_lm * lm_loss(student_logits, input_ids)
         return loss
