@@ -26,7 +26,14 @@ from prunekit.core.recovery import (
     split_data,
 )
 from prunekit.core.training import budget_lr_factor
-from prunekit.recoveries import attach_lora, has_lora_modules, lora_target_names, merge_lora
+from prunekit.recoveries import (
+    attach_lora,
+    has_lora_modules,
+    layers_near_pruning,
+    lora_target_names,
+    merge_lora,
+)
+from prunekit.recoveries import lora as lora_module
 
 # A short repeated token pattern: learnable in a few dozen steps, so "loss went down" means
 # the loop trains, not noise.
@@ -267,6 +274,39 @@ def test_lora_targets_come_from_the_adapter(arch):
     n_layers = model.config.num_hidden_layers
     assert len(names) == 7 * n_layers  # q, k, v, o, gate, up, down
     assert not any("lm_head" in n or "embed" in n for n in names)
+
+
+def test_lora_near_removed_layers_only():
+    _, model = pruned("llama", PrunePlan(layers=[3], heads={0: [0, 1, 2, 3]}))
+    assert layers_near_pruning(model, radius=1) == [0, 2, 3]  # orig 2 and 4 (now 3), head-pruned 0
+    assert layers_near_pruning(model, radius=2) == [0, 1, 2, 3]
+    assert layers_near_pruning(tiny_model("llama"), radius=1) == []  # no plan applied
+    config = RecoveryConfig(steps=15, lr=3e-3, lora_layers="near_removed", lora_radius=1, **FAST)
+    seen = []
+    real_attach = lora_module.attach_lora
+
+    def spy(*args, **kwargs):
+        wrapped = real_attach(*args, **kwargs)
+        seen.append(
+            sorted(
+                {
+                    n.split(".layers.")[1].split(".")[0]
+                    for n, _ in wrapped.named_parameters()
+                    if "lora_A" in n
+                }
+            )
+        )
+        return wrapped
+
+    lora_module.attach_lora = spy
+    try:
+        result = recover(model, TEXT, config, progress=False)
+    finally:
+        lora_module.attach_lora = real_attach
+    assert seen == [["0", "2", "3"]]
+    assert result.best_eval_loss < result.initial_eval_loss and not has_lora_modules(model)
+    with pytest.raises(ValueError, match=r"RecoveryConfig\.lora_layers\b"):
+        RecoveryConfig(lora_layers="first")
 
 
 def test_lora_merge_equals_adapter_outputs_and_leaves_no_adapter():

@@ -96,6 +96,16 @@ class RecoveryConfig:
     lora_r: int = field(default=16, metadata=_help("LoRA rank r"))
     lora_alpha: int = field(default=32, metadata=_help("LoRA scale α (update is α/r · B·A)"))
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input"))
+    lora_layers: str = field(
+        default="all",
+        metadata=_help(
+            "'all', or 'near_removed': LoRA only on the layers next to the removed ones "
+            "(lora_radius kept layers on each side) and the layers that lost heads/neurons"
+        ),
+    )
+    lora_radius: int = field(
+        default=2, metadata=_help("kept layers on each side of a removed one (near_removed)")
+    )
     temperature: float = field(default=2.0, metadata=_help("distillation temperature T"))
     alpha_kl: float = field(default=1.0, metadata=_help("weight of the KL term (distill)"))
     alpha_lm: float = field(default=0.0, metadata=_help("weight of the LM loss (distill)"))
@@ -160,6 +170,10 @@ class RecoveryConfig:
             raise bad("lora_alpha", "a number > 0")
         if not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "a number in [0, 1)")
+        if self.lora_layers not in ("all", "near_removed"):
+            raise bad("lora_layers", "'all' or 'near_removed'")
+        if not isinstance(self.lora_radius, int) or self.lora_radius < 0:
+            raise bad("lora_radius", "an integer >= 0")
         if not self.temperature > 0:
             raise bad("temperature", "a number > 0")
         if self.alpha_kl < 0 or self.alpha_lm < 0 or self.alpha_kl + self.alpha_lm == 0:

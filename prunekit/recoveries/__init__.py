@@ -17,6 +17,7 @@ from prunekit.recoveries.lora import (
     QloraRecovery,
     attach_lora,
     has_lora_modules,
+    layers_near_pruning,
     lora_target_names,
     merge_lora,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "QloraRecovery",
     "attach_lora",
     "has_lora_modules",
+    "layers_near_pruning",
     "lora_target_names",
     "merge_lora",
 ]

@@ -14,13 +14,40 @@ from prunekit.core.training import TrainingSession, requires_grad_flags, set_req
 from prunekit.plugins import get_adapter
 
 
-def lora_target_names(model: nn.Module) -> list[str]:
+def layers_near_pruning(model: nn.Module, radius: int) -> list[int]:
+    """Current indices of the layers next to what the last applied plan removed: the ``radius``
+    kept layers before and after each removed layer, and the layers that lost heads, neurons
+    or a sub-block. ``[]`` when no plan was applied (:func:`prunekit.core.surgery.applied_plans`).
+    """
+    from prunekit.core.surgery import applied_plans
+
+    plans = applied_plans(model)
+    if not plans:
+        return []
+    plan = plans[-1]
+    n_now = len(get_adapter(model).layers(model))
+    removed = set(plan.layers)
+    kept = [i for i in range(n_now + len(removed)) if i not in removed]  # original indices
+    touched = set(plan.heads) | set(plan.neurons) | set(plan.attention) | set(plan.mlp)
+    for r in removed:
+        below = [i for i in kept if i < r][-radius:] if radius else []
+        above = [i for i in kept if i > r][:radius]
+        touched.update(below + above)
+    position = {orig: now for now, orig in enumerate(kept)}
+    return sorted(position[i] for i in touched if i in position)
+
+
+def lora_target_names(model: nn.Module, layers: list[int] | None = None) -> list[str]:
     """Full module names of the projections LoRA adapts, found through the architecture
-    adapter (query/key/value, head output, MLP input and output projections of every layer;
-    no name-sniffing). Only ``nn.Linear`` modules are returned."""
+    adapter (query/key/value, head output, MLP input and output projections of every layer,
+    or of the layer indices ``layers``; no name-sniffing). Only ``nn.Linear`` modules are
+    returned."""
     adapter = get_adapter(model)
     wanted: dict[int, nn.Module] = {}
-    for layer in adapter.layers(model):
+    chosen = None if layers is None else set(layers)
+    for i, layer in enumerate(adapter.layers(model)):
+        if chosen is not None and i not in chosen:
+            continue
         mods = [
             *adapter.qkv_projections(layer),
             adapter.head_output_projection(layer),
@@ -38,17 +65,19 @@ def lora_target_names(model: nn.Module) -> list[str]:
     return names
 
 
-def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float = 0.0) -> nn.Module:
-    """Wrap ``model``'s attention and MLP projections with peft LoRA adapters (in place) and
-    return the ``PeftModel``; only the adapter weights require gradients. Undo with
-    :func:`merge_lora`."""
+def attach_lora(
+    model: nn.Module, r: int, alpha: int, dropout: float = 0.0, layers: list[int] | None = None
+) -> nn.Module:
+    """Wrap ``model``'s attention and MLP projections (of every layer, or of ``layers``) with
+    peft LoRA adapters (in place) and return the ``PeftModel``; only the adapter weights
+    require gradients. Undo with :func:`merge_lora`."""
     import peft
 
     config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_target_names(model),
+        target_modules=lora_target_names(model, layers),
         bias="none",
     )
     return peft.get_peft_model(model, config)
@@ -67,10 +96,20 @@ def has_lora_modules(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
+def lora_layers(model: nn.Module, config: Any) -> list[int] | None:
+    """The layers ``config.lora_layers`` asks for: ``None`` (every layer) for ``"all"``;
+    for ``"near_removed"`` those of :func:`layers_near_pruning` (every layer when the model
+    carries no plan)."""
+    if getattr(config, "lora_layers", "all") == "all":
+        return None
+    return layers_near_pruning(model, config.lora_radius) or None
+
+
 class LoraRecovery(RecoveryMethod):
     """Low-rank adaptation (Hu et al. 2021, arXiv 2106.09685): ``W x + (α/r)·B A x`` with
     ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}`` (``B = 0`` at start, so training starts exactly at the
-    pruned model) on every attention and MLP projection; merged into ``W`` at the end, so the
+    pruned model) on every attention and MLP projection (``lora_layers="near_removed"``: only
+    of the layers next to the pruned ones, cheaper per step); merged into ``W`` at the end, so the
     result has no adapter and keeps its pruned shapes. Gromov et al. 2024 heal pruned layers
     this way."""
 
@@ -79,7 +118,10 @@ class LoraRecovery(RecoveryMethod):
 
     def prepare(self, model: nn.Module, config: Any) -> TrainingSession:
         flags = requires_grad_flags(model)
-        wrapped = attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
+        layers = lora_layers(model, config)
+        wrapped = attach_lora(
+            model, config.lora_r, config.lora_alpha, config.lora_dropout, layers=layers
+        )
         params = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
 
         def finish() -> nn.Module:
