@@ -45,6 +45,7 @@ from prunekit.core.probe import probe_outputs, save_probe
 from prunekit.core.recipe import Recipe
 from prunekit.core.report import write_report
 from prunekit.core.resume import ScoreCache
+from prunekit.core.speed_stage import measure_speed, time_dense_alone
 from prunekit.core.surgery import apply_plan, check_not_quantized
 from prunekit.core.targets import resolve_scorers, scorer_configs, step_targets, unit_counts
 from prunekit.errors import StageFailedError
@@ -243,6 +244,7 @@ def compress(
     run.eval_text = eval_text
     run.cache, run.resume = ScoreCache(output_dir, model_or_path, recipe), resume
     run.evaluate("dense")
+    run.attempt("latency of the dense model", time_dense_alone, run, model_or_path)
     if not isinstance(model_or_path, nn.Module) and Path(model_or_path).is_dir():
         run.metrics["dense"]["size_on_disk_mb"] = weights_size_mb(model_or_path)
     with run.timer("calibration"):
@@ -261,6 +263,7 @@ def compress(
     for stage in stages:
         model = quantized if stage == "quantized" else None
         run.attempt(f"evaluation of the {stage} model", run.evaluate, stage, model)
+    run.attempt("latency", measure_speed, run, source, quantized)  # side by side
     _finish(run, result, quantized)
     return result
 
@@ -476,7 +479,7 @@ def _evaluate(model, tokenizer, run: _Run) -> dict[str, Any]:
         text=run.eval_text,
         dense_model=run.dense,
         latency_kwargs={name: getattr(ev, name) for name in speed},
-        measure_latency=ev.latency,
+        measure_latency=False,  # timed side by side after the save (core.speed_stage)
         progress=run.progress,
         **{name: getattr(ev, name) for name in window},
     )

@@ -65,7 +65,10 @@ class EvaluationSection:
     latency: bool = field(default=True, metadata={"help": "measure prefill/decode speed"})
     prompt_len: int = field(default=128, metadata={"help": "latency prompt length"})
     new_tokens: int = field(default=32, metadata={"help": "latency decode length"})
-    repeats: int = field(default=3, metadata={"help": "latency repeats (median)"})
+    repeats: int = field(
+        default=5,
+        metadata={"help": "latency: interleaved rounds of every model (>= 5 to claim a speedup)"},
+    )
 
     def __post_init__(self) -> None:
         _check(self.context_len >= 2, "evaluation.context_len", "must be >= 2")

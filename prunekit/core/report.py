@@ -14,6 +14,7 @@ from prunekit.core.plan import PrunePlan
 from prunekit.core.plots import drawing, plot_scores
 from prunekit.core.quant_groups import report_lines
 from prunekit.core.serving import loadable_by
+from prunekit.core.speed_report import SPEED_KEYS, draw_speed_bar, speed_notes, speed_rows
 from prunekit.versions import versions
 
 #: (label, key in :func:`flat_metrics`, format) of the rows of :func:`result_table`
@@ -22,6 +23,7 @@ TABLE_ROWS = [
     ("embedding cosine", "cosine", "{:.4f}"),
     ("parameters (M)", "params", lambda v: f"{v / 1e6:.2f}"),
     ("GFLOPs/token", "flops_per_token", lambda v: f"{v / 1e9:.3f}"),
+    # median (min-max) over interleaved rounds, and the speedup vs dense (core.speed_report)
     ("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"),
     ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
     ("weights in memory (MB)", "weights_memory_mb", "{:.1f}"),
@@ -55,6 +57,9 @@ def result_table(metrics: dict[str, dict[str, Any]]) -> str:
     flat = [flat_metrics(metrics[s]) for s in stages]
     lines = [f"| metric | {' | '.join(stages)} |", "|---" * (len(stages) + 1) + "|"]
     for label, key, fmt in TABLE_ROWS:
+        if key in SPEED_KEYS:
+            lines += speed_rows(key, [metrics[s] for s in stages])
+            continue
         values = [f.get(key) for f in flat]
         if all(v is None for v in values):
             continue
@@ -81,9 +86,16 @@ def plot_before_after(metrics: dict[str, dict[str, Any]], path: Path) -> Path | 
     width = 0.8 / len(flat)
     with drawing(path, (1.6 * len(keys) + 2, 4), dpi=120) as (_, ax):
         for j, stage in enumerate(flat):
-            ratios = [(flat[stage].get(k) or 0) / dense[k] for k, _ in keys]
+            measured = [k in SPEED_KEYS and stage != "dense" for k, _ in keys]  # speedups
+            ratios = [
+                0 if m else (flat[stage].get(k) or 0) / dense[k]
+                for (k, _), m in zip(keys, measured, strict=True)
+            ]
             xs = [i + (j - (len(flat) - 1) / 2) * width for i in range(len(keys))]
             bars = ax.bar(xs, ratios, width, label=stage)
+            for (k, _), x, m in zip(keys, xs, measured, strict=True):
+                if m:
+                    draw_speed_bar(ax, x, width, metrics[stage], k, bars.patches[0].get_facecolor())
             for bar, r in zip(bars, ratios, strict=True):
                 if r:
                     x = bar.get_x() + bar.get_width() / 2
@@ -187,6 +199,7 @@ def write_report(
         "",
         result_table(result.metrics),
         "",
+        *speed_notes(result.metrics),
         "## What was removed",
         "",
         *(f"- step {i + 1}: {plan.summary()}" for i, plan in enumerate(result.plans)),

@@ -1,5 +1,7 @@
-"""How fast and how large a model runs: prefill/decode throughput (:func:`latency`), the peak
-memory of a run (:func:`peak_memory`) and the memory its weights take."""
+"""How fast and how large a model runs: prefill/decode throughput of one model
+(:func:`latency`; several side by side: :mod:`prunekit.core.speed_compare`), the peak memory
+of a run
+(:func:`peak_memory`) and the memory its weights take."""
 
 from __future__ import annotations
 
