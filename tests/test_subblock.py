@@ -314,3 +314,34 @@ def test_iterative_compress_removes_the_attention_target_once(tmp_path):
     shapes = get_adapter(model).shapes(model)
     assert sum(not s.has_attention for s in shapes) == 2
     assert sum(not s.has_mlp for s in shapes) == 1
+
+
+# ---- streaming apply ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", DECODERS)
+def test_streaming_apply_of_a_subblock_plan_equals_in_memory(arch, tmp_path, ids):
+    """stream_apply (tensor by tensor, no model built) writes what apply_plan + save_pretrained
+    write for a plan with sub-blocks: the same tensors bit for bit (a removed sub-block's
+    weights and norm absent), config (skip entries), sidecar and remote code; a second round
+    on the streamed result too."""
+    from test_streaming import _assert_same, _checkpoint, _in_memory
+
+    from prunekit import load_model
+    from prunekit.core.streaming import stream_apply
+
+    plan = PrunePlan(layers=[4], attention=[0, 2], mlp=[1], heads={3: [0, 1, 2, 3]})
+    src = _checkpoint(tmp_path, arch)
+    streamed = stream_apply(src, plan, tmp_path / "streamed")
+    _assert_same(streamed, _in_memory(src, plan, tmp_path / "memory", torch.float32))
+    config = json.loads((streamed / "config.json").read_text())
+    assert config["per_layer_config"]["0"] == {"skip": ["attention"]}
+    assert config["per_layer_config"]["1"] == {"skip": ["mlp"]}
+    assert (streamed / "modeling_prunekit.py").is_file()
+    model, _ = load_pretrained(streamed, attn_implementation="eager")
+    with masked(dense := tiny_model(arch), plan):
+        want = logits(dense, ids)
+    torch.testing.assert_close(logits(model, ids), want, atol=1e-5, rtol=1e-5)
+    again = PrunePlan(layers=[0], attention=[3], neurons={2: [1, 2]})  # layer 2 kept its MLP
+    second = stream_apply(streamed, again, tmp_path / "second")
+    model, tok = load_model(streamed)
+    model.prunekit_plans = []  # the in-memory sidecar records only this round, like streaming
+    _assert_same(second, save_pretrained(apply_plan(model, again), tmp_path / "memory2", tok))
