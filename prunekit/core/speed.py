@@ -1,7 +1,6 @@
 """How fast and how large a model runs: prefill/decode throughput of one model
 (:func:`latency`; several side by side: :mod:`prunekit.core.speed_compare`), the peak memory
-of a run
-(:func:`peak_memory`) and the memory its weights take."""
+of a run (:func:`peak_memory`) and the memory its weights take."""
 
 from __future__ import annotations
 

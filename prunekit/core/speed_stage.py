@@ -27,7 +27,7 @@ from prunekit.core.flops import flops_per_token
 from prunekit.core.quality import model_device
 from prunekit.core.speed_compare import LatencySettings, compare_latency
 
-__all__ = ["measure_speed", "record_speed", "settings_for", "time_dense_alone"]
+__all__ = ["flop_ratio_of", "measure_speed", "record_speed", "settings_for", "time_dense_alone"]
 
 _MB = 1024 * 1024
 #: room kept free beside the dense weights (activations, KV cache, the allocator's slack)
@@ -93,7 +93,7 @@ def measure_speed(run, source: tuple, quantized: nn.Module | None) -> None:
     try:
         with run.timer("latency"):
             got = compare_latency(models, settings_for(run.recipe))
-        ratio = _flop_ratio(models.get("dense"), run.model, run.recipe.evaluation.prompt_len)
+        ratio = flop_ratio_of(models.get("dense"), run.model, run.recipe.evaluation.prompt_len)
     finally:
         if reloaded:
             del models["dense"]
@@ -131,7 +131,7 @@ def record_speed(
         entry["latency"] = {"note": f"{stage} speed not measured on this device: {why}"}
 
 
-def _flop_ratio(dense: nn.Module | None, model: nn.Module, seq_len: int) -> float | None:
+def flop_ratio_of(dense: nn.Module | None, model: nn.Module, seq_len: int) -> float | None:
     """Analytic FLOPs per token, dense / compressed, at the prompt length (quantization
     leaves the count unchanged, so the quantized stage shares it)."""
     if dense is None:
