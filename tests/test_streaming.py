@@ -32,6 +32,14 @@ PER_LAYER = PrunePlan(
     heads={0: [1, 5], 2: [0, 1, 2, 3], 4: [3, 7]},
     neurons={1: [0, 5, 95], 2: list(range(40)), 4: [10]},
 )
+# sub-blocks: layer 1 loses its attention, layer 2 its MLP, with heads/neurons cut elsewhere
+SUB_BLOCKS = PrunePlan(
+    layers=[4],
+    attention=[1],
+    mlp=[2],
+    heads={0: [0, 1, 2, 3], 3: [2, 6]},
+    neurons={1: list(range(0, 96, 2)), 3: [7]},
+)
 
 
 def _checkpoint(tmp_path: Path, arch: str = "llama", dtype=torch.float32) -> Path:
@@ -82,7 +90,9 @@ def _assert_valid_index(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", DECODERS)
-@pytest.mark.parametrize("plan", [UNIFORM, PER_LAYER], ids=["uniform", "per_layer"])
+@pytest.mark.parametrize(
+    "plan", [UNIFORM, PER_LAYER, SUB_BLOCKS], ids=["uniform", "per_layer", "sub_blocks"]
+)
 def test_streaming_equals_in_memory(arch, plan, tmp_path):
     src = _checkpoint(tmp_path, arch)
     assert (src / INDEX_FILE).is_file()
@@ -103,6 +113,72 @@ def test_streaming_bf16_stays_bf16_and_reloads(tmp_path, ids):
     reference, _ = load_model(memory, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("plan", [PER_LAYER, SUB_BLOCKS], ids=["per_layer", "sub_blocks"])
+def test_streaming_bf16_per_layer_equals_in_memory(plan, tmp_path, ids):
+    src = _checkpoint(tmp_path, "qwen2", dtype=torch.bfloat16)  # with q/k/v biases
+    streamed = stream_apply(src, plan, tmp_path / "streamed")
+    memory = _in_memory(src, plan, tmp_path / "memory", torch.bfloat16)
+    _assert_same(streamed, memory)
+    _assert_valid_index(streamed)
+    assert {t.dtype for t in checkpoint_tensors(streamed).values()} == {"BF16"}
+    model, _ = load_model(streamed)
+    reference, _ = load_model(memory)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_streamed_files_are_plain_safetensors_stock_transformers_loads(tmp_path, ids):
+    """Each file has safetensors' {"format": "pt"} metadata and 8-byte aligned data, loads
+    through safe_open and safetensors.torch.load_file, and the uniform result loads in stock
+    transformers with the logits of the in-memory result."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.core.checkpoint import read_header
+
+    src = _checkpoint(tmp_path, dtype=torch.bfloat16)
+    streamed = stream_apply(src, UNIFORM, tmp_path / "streamed")
+    for f in sorted(streamed.glob("*.safetensors")):
+        assert read_header(f)["__metadata__"] == {"format": "pt"}
+        with safe_open(f, "pt") as h:
+            assert h.metadata() == {"format": "pt"}
+            assert set(h.keys()) == set(load_file(f))
+        assert int.from_bytes(f.read_bytes()[:8], "little") % 8 == 0
+    stock = AutoModelForCausalLM.from_pretrained(streamed)
+    reference, _ = load_model(_in_memory(src, UNIFORM, tmp_path / "memory", torch.bfloat16))
+    assert stock.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(stock(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_read_selected_equals_index_select(dtype, tmp_path):
+    """Reading the kept rows or columns of a tensor from its file equals reading it whole and
+    index_select: runs of consecutive rows, single rows, a block boundary for columns."""
+    from safetensors.torch import save_file
+
+    from prunekit.core.tensorfile import read_selected, read_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(7, 3, generator=g).to(dtype),
+        "w": torch.randn(37, 3000, generator=g).to(dtype),  # > 1 MiB in float32: two blocks
+        "b": torch.randn(5, generator=g).to(dtype),
+    }
+    save_file(tensors, tmp_path / "t.safetensors")
+    infos = checkpoint_tensors(tmp_path)
+    assert torch.equal(read_tensor(infos["w"]), tensors["w"])
+    assert torch.equal(read_tensor(infos["b"]), tensors["b"])
+    for axis in (0, 1):
+        n = tensors["w"].shape[axis]
+        for keep in ([0], [n - 1], [0, 1, 2, 9, 10, n - 1], list(range(1, n, 3))):
+            got = read_selected(infos["w"], torch.tensor(keep), axis)
+            want = tensors["w"].index_select(axis, torch.tensor(keep))
+            assert got.dtype == dtype
+            assert torch.equal(got, want), (axis, keep)
 
 
 def test_streaming_a_per_layer_checkpoint(tmp_path):
@@ -129,25 +205,36 @@ def test_one_file_in_one_file_out_and_tied_embeddings(tmp_path, ids):
 
 def test_tensors_are_written_one_at_a_time(tmp_path, monkeypatch):
     """Nothing is saved from a dict of tensors; only the tensors the plan cuts are read into
-    memory (one projection at a time), everything else is copied as bytes."""
+    memory (one projection at a time, a weight's kept rows or columns only), everything else
+    is copied as bytes."""
     import safetensors.torch
 
     from prunekit.core import streaming
 
     src = _checkpoint(tmp_path)
     tensors = checkpoint_tensors(src)
-    read = []
-    real_read = streaming._read_tensor
+    where = {(t.file, t.start): k for k, t in tensors.items()}
+    read, held = [], []
+    real_read, real_selected = streaming.read_tensor, streaming.read_selected
 
     def no_save(*a, **k):
         raise AssertionError("a whole shard was handed to save_file")
 
-    def count(info, key):
-        read.append(key)
-        return real_read(info, key)
+    def count(info):
+        read.append(where[info.file, info.start])
+        held.append(info.nbytes)
+        return real_read(info)
+
+    def count_selected(info, keep, axis):
+        read.append(where[info.file, info.start])
+        out = real_selected(info, keep, axis)
+        held.append(out.numel() * out.element_size())
+        assert held[-1] < info.nbytes  # only the kept part was read into memory
+        return out
 
     monkeypatch.setattr(safetensors.torch, "save_file", no_save)
-    monkeypatch.setattr(streaming, "_read_tensor", count)
+    monkeypatch.setattr(streaming, "read_tensor", count)
+    monkeypatch.setattr(streaming, "read_selected", count_selected)
     out = stream_apply(src, UNIFORM, tmp_path / "out")
     assert len(read) == len(set(read))  # each input tensor read at most once
     assert "model.embed_tokens.weight" not in read  # copied as bytes
@@ -155,8 +242,9 @@ def test_tensors_are_written_one_at_a_time(tmp_path, monkeypatch):
     kept = [i for i in range(5) if i not in UNIFORM.layers]
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert len(read) == len(kept) * len(projections)
-    assert max(tensors[k].nbytes for k in read) < max(t.nbytes for t in tensors.values())
+    assert max(held) < max(t.nbytes for t in tensors.values())
     assert max_shard_bytes(checkpoint_tensors(out)) <= max_shard_bytes(tensors)
+    _assert_same(out, _in_memory(src, UNIFORM, tmp_path / "memory", torch.float32))
 
 
 def test_bad_plan_and_output_fail_before_writing(tmp_path):

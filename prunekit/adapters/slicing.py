@@ -36,11 +36,11 @@ def slice_weight(
     if keep.min() < 0 or keep.max() >= size:
         raise IndexError(f"slice_linear: keep indices out of range [0, {size})")
     idx = keep.to(weight.device)
-    new_weight = weight.detach().index_select(axis, idx).clone()
+    new_weight = weight.detach().index_select(axis, idx)  # a new tensor: no clone needed
     module.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
     bias = getattr(module, "bias", None)
     if slice_bias and bias is not None:
-        module.bias = nn.Parameter(bias.detach().index_select(0, idx).clone(), bias.requires_grad)
+        module.bias = nn.Parameter(bias.detach().index_select(0, idx), bias.requires_grad)
     return int(keep.numel())
 
 

@@ -1,6 +1,7 @@
 """Apply a :class:`PrunePlan` to a checkpoint directory tensor by tensor, without building the
-model: read each tensor (safetensors ``safe_open``), slice it by the plan, write it to output
-shards sharded like the input, with ``model.safetensors.index.json`` when there are several.
+model: read each tensor (plain file reads, :mod:`prunekit.core.tensorfile`), slice it by the plan,
+write it to output shards sharded like the input, with ``model.safetensors.index.json`` when
+there are several.
 
 The model is built only as a skeleton on the meta device (no memory): the adapter names the
 role of every per-layer tensor (:meth:`~prunekit.adapters.base.Adapter.state_key_roles`),
@@ -10,8 +11,10 @@ is cut by the adapter's own ``slice_projection`` — so the result equals
 ``load_model`` + ``apply_plan`` + ``save_pretrained`` bit for bit. Tensors keep their dtype;
 tied embeddings stay tied (the tied copy is not stored, as in the input). Each output file's
 header is known before any tensor is read, so files are written tensor by tensor: tensors the
-plan does not cut (embeddings, norms, kept layers' unsliced weights) are copied as bytes, and
-peak memory is about the largest projection being sliced, never a whole shard.
+plan does not cut (embeddings, norms, kept layers' unsliced weights) are copied file to file by
+the kernel, a projection the plan cuts is read only where it is kept (its kept rows, or its
+columns from blocks of rows) when the adapter slices it as ``nn.Linear``, and peak memory is
+the runtime plus about the kept part of one projection, never a shard or a whole layer.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ from prunekit.core.io import (
 from prunekit.core.plan import PrunePlan
 from prunekit.core.serving import write_remote_code
 from prunekit.core.surgery import apply_plan
+from prunekit.core.tensorfile import (
+    copy_tensor_bytes,
+    read_selected,
+    read_tensor,
+    return_freed_memory_to_os,
+    write_tensor,
+)
 from prunekit.errors import ModelLoadError
 from prunekit.plugins import get_adapter
 
@@ -80,14 +90,6 @@ def _state_names(model: nn.Module) -> dict[tuple[int, str], str]:
 
 
 # ---- slicing real tensors ---------------------------------------------------------------
-def _read_tensor(info: TensorInfo, key: str) -> torch.Tensor:
-    """One checkpoint tensor, through ``safe_open``; the file is unmapped right after."""
-    from safetensors import safe_open
-
-    with safe_open(info.file, "pt", device="cpu") as handle:
-        return handle.get_tensor(key)
-
-
 class _Slicer:
     """Slices one checkpoint tensor (or the tensors of one projection) as
     :func:`prunekit.apply_plan` would slice the module holding it."""
@@ -125,18 +127,44 @@ class _Slicer:
             return self.pending.pop(key)
         cut = self.cut(key)
         if cut is None:
-            return _read_tensor(tensors[key], key)
+            return read_tensor(tensors[key])
         m_name = key.rpartition(".")[0]
         module = self.model.get_submodule(m_name)
         names = [name for name, _ in module.named_parameters(recurse=False)]
+        if self._linear_layout(module, names):
+            self._read_cut(m_name, names, cut, tensors)
+            return self.pending.pop(key)
         for name in names:
-            param = _read_tensor(tensors[f"{m_name}.{name}"], f"{m_name}.{name}")
+            param = read_tensor(tensors[f"{m_name}.{name}"])
             setattr(module, name, nn.Parameter(param, False))
+            del param
         self.adapter.slice_projection(module, *cut)
         for name in names:
             self.pending[f"{m_name}.{name}"] = getattr(module, name).detach()
             setattr(module, name, nn.Parameter(torch.empty(0, device="meta"), False))
         return self.pending.pop(key)
+
+    def _linear_layout(self, module: nn.Module, names: list[str]) -> bool:
+        """Whether the adapter slices this projection as ``nn.Linear`` (weight ``[out, in]``,
+        bias on the output side), so that only the kept rows/columns need to be read."""
+        from prunekit.adapters.base import Adapter
+
+        base = type(self.adapter).slice_projection is Adapter.slice_projection
+        return base and set(names) <= {"weight", "bias"} and module.weight.dim() == 2
+
+    def _read_cut(self, m_name: str, names: list[str], cut: tuple[Any, str], tensors) -> None:
+        """Read the kept part of an ``nn.Linear``-layout projection into ``pending``: what
+        ``slice_projection`` on the whole tensors gives, without reading them whole."""
+        keep, dim = cut
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        for name in names:
+            info = tensors[f"{m_name}.{name}"]
+            if name == "weight":
+                t = read_selected(info, keep, 0 if dim == "out" else 1)
+            else:
+                t = read_tensor(info)
+                t = t.index_select(0, keep) if dim == "out" else t
+            self.pending[f"{m_name}.{name}"] = t
 
 
 # ---- writing ---------------------------------------------------------------------------
@@ -204,23 +232,12 @@ def _write_shard(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], fi
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:  # unbuffered: tensors go straight to the file
         f.write(struct.pack("<Q", len(text)) + text)
         for name, _, _ in entries:
             fill(f, name)
         if f.tell() != 8 + len(text) + offset:
             raise RuntimeError(f"{path.name}: wrote {f.tell()} bytes, expected more")
-
-
-def _copy_bytes(f, info: TensorInfo, chunk: int = 1 << 24) -> None:
-    """Copy a tensor's bytes unchanged from its input file (no tensor is built)."""
-    with open(info.file, "rb") as src:
-        src.seek(info.start)
-        left = info.nbytes
-        while left:
-            data = src.read(min(chunk, left))
-            f.write(data)
-            left -= len(data)
 
 
 def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensors, cast) -> dict:
@@ -231,13 +248,12 @@ def _write_shards(out: Path, shards: list[list[str]], new_to_old, slicer, tensor
     def fill(f, new_key: str) -> None:
         old = new_to_old[new_key]
         if cast is None and old not in slicer.pending and slicer.cut(old) is None:
-            _copy_bytes(f, tensors[old])
+            copy_tensor_bytes(f, tensors[old])
             return
-        # contiguous: index_select on the input axis leaves a transposed-stride copy
-        t = slicer.tensor(old, tensors).contiguous()
+        t = slicer.tensor(old, tensors)
         if cast is not None and t.is_floating_point():
             t = t.to(cast)
-        f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        write_tensor(f, t)
 
     for name, keys in zip(names, shards, strict=True):
         entries = []
@@ -274,6 +290,7 @@ def stream_apply(
     at the input is refused)."""
     source = Path(model_dir)
     check_output_dir(out_dir, overwrite, inputs=(source,))
+    return_freed_memory_to_os()
     tensors = checkpoint_tensors(source)
     cast = dtype
     dtype = dtype or main_dtype(tensors)
