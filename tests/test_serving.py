@@ -387,3 +387,42 @@ def test_serve_decilm_refuses_what_it_cannot_make():
     )
     assert [len(plan.heads[i]) for i in range(3)] == [2, 2, 2]
     assert "serve='decilm' removes one query-head count" in plan.meta["adjusted"][0]
+
+
+@pytest.mark.parametrize(
+    "flags, runtimes",
+    [
+        (["--layers", "1"], [STOCK, "vllm", PRUNEKIT]),
+        (
+            ["--mode", "per_layer", "--heads", "0.25", "--neurons", "0.2", "--serve", "decilm"],
+            [REMOTE_CODE, VLLM_DECILM, PRUNEKIT],
+        ),
+    ],
+    ids=["uniform", "per_layer_serve_decilm"],
+)
+def test_cli_and_report_state_the_runtimes(flags, runtimes, tmp_path):
+    """compress prints and reports which runtimes load the result (the sub-block case is in
+    test_subblock); a --serve decilm result exports with `prunekit export`."""
+    from conftest import brown_text, save_tiny, wiki_text
+    from test_pipeline import cli, small_run_flags
+
+    from prunekit.core.recipe import Recipe
+
+    (tmp_path / "calib.txt").write_text(brown_text()[:20_000], encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(wiki_text()[:3_000], encoding="utf-8")
+    src, out = save_tiny("llama", tmp_path / "dense"), tmp_path / "out"
+    res = cli("compress", src, "-o", out, *flags, "--no-latency", *small_run_flags(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert loadable_by(out) == runtimes
+    assert f"loads in: {', '.join(runtimes)}" in res.stdout
+    assert f"Loads in: {', '.join(runtimes)}" in (out / "report.md").read_text()
+    if "--serve" not in flags:
+        return
+    sidecar = json.loads((out / "prunekit.json").read_text())
+    assert sidecar["recipe"]["targets"]["serve"] == "decilm"
+    assert Recipe.from_dict(sidecar["recipe"]).targets.serve == "decilm"
+    heads = {s["n_heads"] for s in sidecar["layer_shapes"]}
+    assert heads == {6}  # 2 of 8 query heads from every layer, protected ones too
+    exported = cli("export", out, "--format", "decilm", "-o", tmp_path / "deci")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
