@@ -180,8 +180,13 @@ def test_decilm_export_of_per_layer_widths_matches_reference(tmp_path):
     assert config["architectures"] == ["DeciLMForCausalLM"]
     assert config["model_type"] == "nemotron-nas"
     assert config["num_key_value_heads"] is None and config["intermediate_size"] is None
+    assert config["torch_dtype"] == config["dtype"] == "float32"  # 4.x and 5.x readers
     assert VLLM_DECILM in loadable_by(src)
-    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
+    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM]
+    sidecar = json.loads((tmp_path / "deci" / "prunekit.json").read_text())
+    assert (
+        sidecar["loadable_by"] == [VLLM_NATIVE_DECILM] and sidecar["export"]["format"] == "decilm"
+    )
 
 
 def test_decilm_config_reads_like_vllm_expects(tmp_path):
@@ -425,4 +430,4 @@ def test_cli_and_report_state_the_runtimes(flags, runtimes, tmp_path):
     assert heads == {6}  # 2 of 8 query heads from every layer, protected ones too
     exported = cli("export", out, "--format", "decilm", "-o", tmp_path / "deci")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
+    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM]

@@ -127,6 +127,8 @@ def decilm_config(config: dict[str, Any], *, ffn_mult: bool = True) -> dict[str,
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     dropped = ("per_layer_config", "auto_map", "rope_parameters", "layer_types", "sliding_window")
     out = {k: v for k, v in config.items() if k not in dropped}
+    if "dtype" in out:  # transformers 4.x readers (the Nemotron-NAS checkpoints' era)
+        out["torch_dtype"] = out["dtype"]
     out.update(
         architectures=["DeciLMForCausalLM"],
         model_type="nemotron-nas",
@@ -163,7 +165,7 @@ def export_decilm(
     vLLM). ``require_ffn_mult=True`` fails unless every width is expressible as ``ffn_mult``
     (older readers take nothing else). The output is written atomically."""
     from prunekit.core.io import AtomicDir, write_sidecar
-    from prunekit.core.serving import REMOTE_CODE_DIR
+    from prunekit.core.serving import REMOTE_CODE_DIR, loadable_by
 
     with tempfile.TemporaryDirectory() as scratch:
         src = _source_dir(model_dir_or_model, Path(scratch))
@@ -181,7 +183,8 @@ def export_decilm(
             sidecar = tmp / "prunekit.json"
             if sidecar.exists():
                 data = json.loads(sidecar.read_text())
-                write_sidecar(tmp, {**data, "export": {"format": FORMAT, "source": str(src)}})
+                export = {"format": FORMAT, "source": str(src)}
+                write_sidecar(tmp, {**data, "export": export, "loadable_by": loadable_by(config)})
     return Path(out)
 
 
