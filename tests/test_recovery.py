@@ -542,6 +542,46 @@ def test_distill_from_cache_lowers_held_out_loss_without_a_teacher_copy(monkeypa
     assert result.best_eval_loss < 0.9 * result.initial_eval_loss
 
 
+def test_compress_distils_from_a_cache_built_before_pruning(tmp_path, monkeypatch):
+    """compress with distill: the dense model's top-k outputs are cached before pruning and
+    no copy of the model is made; the recovery trains on the rows the cache holds."""
+    from conftest import brown_text, tiny_tokenizer
+
+    from prunekit.core import teacher_cache
+    from prunekit.core.pipeline import compress
+
+    (tmp_path / "calib.txt").write_text(brown_text()[:40_000], encoding="utf-8")
+    recipe = {
+        "targets": {"layers": 1, "mode": "uniform"},
+        "calibration": {"source": str(tmp_path / "calib.txt"), "n_samples": 8, "seq_len": 32},
+        "evaluation": {"text": "none", "latency": False},
+        "recovery": {"method": "distill", "steps": 3, "options": {"distill_topk": 8}},
+    }
+    built = []
+    real_build = teacher_cache.TeacherCache.build.__func__
+
+    def spy_build(cls, teacher, ids, config, **kwargs):
+        assert teacher.config.num_hidden_layers == 5  # still the dense model
+        built.append(real_build(cls, teacher, ids, config, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(teacher_cache.TeacherCache, "build", classmethod(spy_build))
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copy(obj, *args, **kwargs):
+        if isinstance(obj, torch.nn.Module):
+            raise AssertionError(f"copy.deepcopy of a {type(obj).__name__}")
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copy)
+    model = tiny_model("llama")
+    result = compress(model, recipe, tmp_path / "out", tokenizer=tiny_tokenizer(), progress=False)
+    assert model.config.num_hidden_layers == 4
+    (cache,) = built
+    assert cache.k == 8 and result.recovery[0]["steps"] == 3
+    assert "teacher cache" in result.timings
+
+
 def test_distill_needs_a_separate_teacher():
     dense, model = pruned()
     config = RecoveryConfig(method="distill", steps=1, **FAST)

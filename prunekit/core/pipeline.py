@@ -48,6 +48,7 @@ from prunekit.core.resume import ScoreCache
 from prunekit.core.speed_stage import measure_speed, time_dense_alone
 from prunekit.core.surgery import apply_plan, check_not_quantized
 from prunekit.core.targets import resolve_scorers, scorer_configs, step_targets, unit_counts
+from prunekit.core.teacher_cache import teacher_caches, uses_teacher_cache
 from prunekit.errors import StageFailedError
 from prunekit.plugins import get_adapter, get_plugins
 
@@ -124,6 +125,7 @@ class _Run:
     plans: list[PrunePlan] = field(default_factory=list)
     scores: list = field(default_factory=list)
     recoveries: list = field(default_factory=list)
+    teachers: dict = field(default_factory=dict)  # recovery seed -> TeacherCache (distill)
     eval_text: Path | str | None = None  # None: no perplexity (see core.data.resolve_eval_text)
     failures: dict[str, str] = field(default_factory=dict)  # optional stage -> what went wrong
     cache: ScoreCache | None = None  # each step's scores, kept for --resume
@@ -249,6 +251,7 @@ def compress(
         run.metrics["dense"]["size_on_disk_mb"] = weights_size_mb(model_or_path)
     with run.timer("calibration"):
         run.calib_ids = recipe.calibration.load(run.tokenizer, model=run.model)
+    run.teachers = _teachers(run)  # distillation's teacher outputs, before pruning
     _prune(run)
     # From here on the compressed model exists: it is saved before anything optional runs
     # (evaluation, latency, report), and an optional stage that fails is reported, not fatal.
@@ -290,6 +293,7 @@ def _load(source, tokenizer, recipe, plugins, progress) -> _Run:
     )
     model.eval()
     teacher = getattr(plugins.recovery, "uses_teacher", False)
+    teacher = teacher and not uses_teacher_cache(plugins.recovery, plugins.recovery_config)
     dense = copy.deepcopy(model) if not adapter.causal or teacher else None
     return _Run(recipe, plugins, model, tokenizer, dense, adapter.shapes(model), timer, progress)
 
@@ -350,6 +354,17 @@ def _plan(run: _Run, targets, scorers: dict[str, Any], step: int):
     return plan, scores
 
 
+def _teachers(run: _Run) -> dict:
+    """Distillation from a cache: the dense model's top-k outputs on each recovery round's
+    rows, computed before pruning, so no dense copy is kept (:mod:`prunekit.core.teacher_cache`)."""
+    method, config = run.plugins.recovery, run.plugins.recovery_config
+    if not uses_teacher_cache(method, config):
+        return {}
+    run.say("caching the dense model's top-k log-probabilities for distillation")
+    with run.timer("teacher cache"):
+        return teacher_caches(run.model, run.tokenizer, run.recipe, method, config)
+
+
 def _recover(run: _Run, *, seed: int):
     """Recover the model with the recovery method object, on fresh calibration windows."""
     from prunekit.core.recovery import recover
@@ -361,15 +376,16 @@ def _recover(run: _Run, *, seed: int):
         seq_len=getattr(config, "seq_len", 256),
         seed=seed,
     )
+    cache = run.teachers.pop(seed, None)  # the dense model's outputs, cached before pruning
     with run.timer("calibration"):
-        train_ids = calibration.load(run.tokenizer, model=run.model)
+        train_ids = cache.ids if cache else calibration.load(run.tokenizer, model=run.model)
     run.say(f"recovering with {run.plugins.recovery.name}")
     with run.timer("recover"):
         return recover(
             run.model,
             train_ids,
             config,
-            teacher=run.dense,
+            teacher=cache or run.dense,
             progress=run.progress,
             method=run.plugins.recovery,
         )
