@@ -294,3 +294,128 @@ def test_recipe_heal_section():
         get_healer("quadratic")
     with pytest.raises(ValueError, match="objective"):
         HealConfig(objective="l1")
+
+
+# ---- fit="down_proj": refit the whole down_proj weight of the layer before the run --------
+
+
+@pytest.fixture
+def calib_long() -> torch.Tensor:
+    """More tokens (256) than the tiny MLP has neurons (96 + a bias), so the down_proj fit is
+    determined."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(0, VOCAB, (16, 16), generator=g)
+
+
+def test_down_proj_fit_heals_an_exactly_linear_block_to_dense(calib_long):
+    model = linear_block_model()
+    dense = logits(model, calib_long)
+    heal_and_remove(model, calib_long, [2, 3], ridge=0.0, fit="down_proj", batch_size=4)
+    torch.testing.assert_close(logits(model, calib_long), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_down_proj_fit_equals_lstsq_on_all_activations(calib_long):
+    """The accumulated fit equals ``lstsq([a, 1], Y − h)`` on every token at once, and its
+    calibration residual is never above ReplaceMe's map (a superset of what a map can do)."""
+    model = linear_block_model()
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight.normal_(0, 0.3)  # a non-linear block now
+    captured = {}
+    mlp = model.model.layers[1].mlp
+    hooks = [
+        mlp.register_forward_hook(lambda m, a, out: captured.setdefault("m", out)),
+        mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("a", a[0])),
+    ]
+    with torch.no_grad():
+        hidden = model(input_ids=calib_long, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    m, a = captured["m"].reshape(-1, 64), captured["a"].reshape(-1, 96)
+    a1 = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+    target = hidden[4].reshape(-1, 64) - (hidden[2].reshape(-1, 64) - m)
+    direct = torch.linalg.lstsq(a1, target).solution
+    fitted = fit_linear_heal(model, calib_long, [2, 3], ridge=0.0, fit="down_proj", batch_size=4)
+    torch.testing.assert_close(fitted[(2, 3)], direct, atol=1e-7, rtol=1e-7)
+    stats = {
+        f: accumulate_run_stats(model, calib_long, [(2, 3)], fit=f, batch_size=4)[(2, 3)]
+        for f in ("map", "down_proj")
+    }
+    res = {f: st.residual(st.solve(0.0)) for f, st in stats.items()}
+    assert res["down_proj"] == pytest.approx(float(((a1 @ direct - target) ** 2).sum()), rel=1e-6)
+    assert res["down_proj"] < res["map"]
+    down = apply_linear_heal(model, fitted, "down_proj").model.layers[1].mlp.down_proj
+    torch.testing.assert_close(down.weight, direct[:96].T)
+    torch.testing.assert_close(down.bias, direct[96])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_down_proj_fit_lowers_calibration_loss_on_every_decoder(calib_long, arch, tmp_path):
+    import transformers as tf
+
+    ids = calib_long[:8]
+    dense_logits = logits(tiny_model(arch), ids)
+    plain = apply_plan(tiny_model(arch), PrunePlan(layers=[2, 3]))
+    healed = heal_and_remove(tiny_model(arch), ids, [2, 3], fit="down_proj")
+    # a random model's next-token loss is near log(vocab) either way: compare with the dense
+    assert _kl_to_dense(healed, dense_logits, ids) < 0.5 * _kl_to_dense(plain, dense_logits, ids)
+    save_pretrained(healed, tmp_path / "healed")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "healed", attn_implementation="eager"
+    ).eval()
+    assert reloaded.config.num_hidden_layers == 3
+    torch.testing.assert_close(logits(reloaded, ids), logits(healed, ids), atol=1e-5, rtol=0)
+
+
+def test_down_proj_fit_config_and_refusals(calib):
+    from prunekit.core.heal import HealConfig
+
+    assert HealConfig(fit="down_proj").to_dict()["fit"] == "down_proj"
+    with pytest.raises(ValueError, match="fit must be one of"):
+        HealConfig(fit="weights")
+    with pytest.raises(ValueError, match="fit must be one of"):
+        fit_linear_heal(tiny_model("llama"), calib, [2], fit="weights")
+    with pytest.raises(ValueError, match="does not fit layer 1"):
+        apply_linear_heal(tiny_model("llama"), {(2, 2): torch.eye(64)}, "down_proj")
+
+
+# ---- heal_loss: select the block by the healed model's held-out calibration loss ----------
+
+
+def test_healed_block_losses_equal_the_healed_model_loss(calib_long):
+    """The cached engine (stand-ins below the folded layer) gives the loss of the model
+    healed and cut for real; the model is left unchanged."""
+    from prunekit.plugins import get_adapter
+    from prunekit.scorers.heal_loss import healed_block_losses
+
+    model = tiny_model("llama").double()
+    before = _state(model)
+    fit_ids, held = calib_long[:12], calib_long[12:]
+    runs = [(1, 2), (2, 3), (3, 3)]
+    got = healed_block_losses(
+        model, get_adapter(model), fit_ids, held, runs, fit="down_proj", ridge=1e-4, batch_size=3
+    )
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for first, last in runs:
+        layers = list(range(first, last + 1))
+        healed = heal_and_remove(
+            tiny_model("llama").double(), fit_ids, layers, fit="down_proj", ridge=1e-4
+        )
+        assert got[(first, last)] == pytest.approx(_lm_loss(healed, held), rel=1e-6)
+
+
+def test_heal_loss_scorer_takes_the_block_size_from_the_target(calib_long):
+    model = linear_block_model()
+    targets = prunekit.Targets(layers=2, layer_scorer="heal_loss", mode="uniform")
+    opts = {"heal_loss": {"ridge": 0.0, "candidates": 2}}
+    plan, scores = prunekit.plan_for(model, calib_long, targets, progress=False, configs=opts)
+    assert sorted(plan.layers) == [2, 3]
+    d = scores["heal_loss"]
+    assert d.shape == (5, 5)
+    assert torch.isfinite(d[1]).sum() == 2 and torch.isnan(d[[0, 2, 3, 4]]).all()
+    held = calib_long[-4:]  # holdout 0.25 of 16 samples
+    assert float(d[1, 2]) == pytest.approx(_lm_loss(linear_block_model(), held), rel=1e-6)
+    with pytest.raises(ValueError, match="pre-norm"):
+        prunekit.score(tiny_model("bert"), calib_long, ["heal_loss"], progress=False)
+    with pytest.raises(ValueError, match="holdout"):
+        prunekit.score(model, calib_long, ["heal_loss"], configs={"heal_loss": {"holdout": 1}})

@@ -50,7 +50,6 @@ Selectors that use these statistics: :mod:`prunekit.core.heal_select`.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,14 +57,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.core.capture import Accumulator, capture
-from prunekit.core.masking import masked
+from prunekit.core.heal_stats import (
+    FITS,
+    HealAccumulator,
+    Run,
+    RunStats,
+    accumulate_run_stats,
+    preceding_kept,
+)
 from prunekit.core.plan import PrunePlan
 from prunekit.core.surgery import applied_plans, apply_plan
 from prunekit.errors import PruningPlanError
 from prunekit.plugins import get_adapter
 
-Run = tuple[int, int]  # (first removed layer, last removed layer), original indices, inclusive
 OBJECTIVES = ("lstsq", "cosine")
 
 
@@ -107,150 +111,6 @@ def check_healable(model: nn.Module, runs: Sequence[Run]) -> None:
             )
 
 
-def _down_output(adapter, layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """``down_proj(a)`` computed functionally (calling the module would re-enter the hook)."""
-    proj = adapter.neuron_output_projection(layer)
-    return nn.functional.linear(a, adapter.linear_weight(proj), getattr(proj, "bias", None))
-
-
-def _flat64(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).to(torch.float64)
-
-
-@dataclass
-class RunStats:
-    """Streaming statistics of one run: ``G = MᵀM``, ``C = Mᵀ(Y − h)``, ``tt = ‖Y − h‖²``,
-    ``yy = ‖Y‖²`` (float64), plus an optional token subsample for the cosine objective."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor
-    tt: float = 0.0
-    yy: float = 0.0
-    n_tokens: int = 0
-    sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def add(self, m: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> None:
-        """Add one batch: regressor ``m``, target ``Y − h`` and block output ``y``."""
-        self.gram += m.T @ m
-        self.add_cross(m, target, y)
-
-    def add_cross(self, m: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> None:
-        """Everything but the Gram matrix (when it is shared and added by the caller)."""
-        self.cross += m.T @ target
-        self.tt += float((target * target).sum())
-        self.yy += float((y * y).sum())
-        self.n_tokens += m.shape[0]
-
-    def solve(self, ridge: float) -> torch.Tensor:
-        """The ridge least-squares map ``T`` (float64, ``[d, d]``)."""
-        d = self.gram.shape[0]
-        if ridge <= 0:
-            return torch.linalg.lstsq(self.gram, self.cross).solution
-        lam = ridge * float(torch.trace(self.gram)) / d
-        eye = torch.eye(d, dtype=torch.float64, device=self.gram.device)
-        return torch.linalg.solve(self.gram + lam * eye, self.cross)
-
-    def residual(self, t: torch.Tensor) -> float:
-        """``‖(Y − h) − M T‖²`` summed over the calibration tokens, from the statistics."""
-        r = self.tt - 2 * float((t * self.cross).sum()) + float((t * (self.gram @ t)).sum())
-        return max(r, 0.0)
-
-
-class HealAccumulator(Accumulator):
-    """Collects :class:`RunStats` for runs ``(first, last)`` during :func:`capture`.
-
-    ``prev[run]`` is the kept layer whose MLP output is the regressor (``first - 1`` unless
-    the layers in between are masked out). Runs sharing it share one Gram matrix (computed
-    once per batch), so memory is one ``[d, d]`` float64 matrix per run plus one per ``p``.
-    It needs a whole batch through all layers at once: normal mode only, not sequential.
-    """
-
-    taps = frozenset({"layer_io", "neuron_inputs"})
-
-    def __init__(self, adapter, prev: dict[Run, int], sample_fraction: float = 0):
-        self.adapter = adapter
-        self.prev = dict(prev)
-        self.stats: dict[Run, RunStats] = {}
-        self.grams: dict[int, torch.Tensor] = {}  # p -> Σ M_pᵀ M_p, shared by its runs
-        self.before = set(self.prev.values())
-        self.mlp_out: dict[int, torch.Tensor] = {}  # p -> M_p of the current batch
-        self.added: set[int] = set()  # p whose Gram already has the current batch
-        self.resid: dict[Run, tuple[torch.Tensor, torch.Tensor]] = {}  # run -> (M_p, h_p)
-        self.sample_fraction = sample_fraction
-        self.rng = random.Random(0)
-
-    def on_neuron_inputs(self, i: int, a: torch.Tensor, layer: nn.Module) -> None:
-        if i in self.before:
-            self.mlp_out[i] = _flat64(_down_output(self.adapter, layer, a))
-
-    def on_layer_io(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor, rows: slice) -> None:
-        for run, p in self.prev.items():
-            if run[0] == i:
-                m = self.mlp_out[p]
-                self.resid[run] = (m, _flat64(x_in) - m)
-            if run[1] == i:
-                m, h = self.resid.pop(run)
-                self._add(run, p, m, h, _flat64(x_out))
-
-    def _add(self, run: Run, p: int, m: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
-        d = m.shape[1]
-        if p not in self.grams:
-            self.grams[p] = torch.zeros(d, d, dtype=torch.float64, device=m.device)
-        if p not in self.added:
-            self.grams[p] += m.T @ m
-            self.added.add(p)
-        if run not in self.stats:
-            self.stats[run] = RunStats(gram=self.grams[p], cross=torch.zeros_like(self.grams[p]))
-        self.stats[run].add_cross(m, y - h, y)
-        if self.sample_fraction > 0:
-            self._keep_sample(run, m, h, y)
-
-    def _keep_sample(self, run: Run, m, h, y) -> None:
-        """Uniform token subsample (same fraction of every batch) for the cosine objective."""
-        k = min(m.shape[0], max(1, round(self.sample_fraction * m.shape[0])))
-        idx = torch.tensor(sorted(self.rng.sample(range(m.shape[0]), k)), device=m.device)
-        self.stats[run].sample.append((m[idx].float(), h[idx].float(), y[idx].float()))
-
-    def end_batch(self) -> None:
-        self.mlp_out.clear()
-        self.added.clear()
-
-    def result(self) -> dict[Run, RunStats]:
-        return self.stats
-
-
-def preceding_kept(first: int, removed: Iterable[int]) -> int:
-    """The last layer before ``first`` that is not in ``removed`` (-1 if none)."""
-    gone = set(removed)
-    p = first - 1
-    while p in gone:
-        p -= 1
-    return p
-
-
-def accumulate_run_stats(
-    model: nn.Module,
-    calib_ids: torch.Tensor,
-    runs: Sequence[Run],
-    *,
-    removed: Sequence[int] = (),
-    sample_tokens: int = 0,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[Run, RunStats]:
-    """One forward pass over ``calib_ids`` accumulating :class:`RunStats` for every run (and a
-    uniform subsample of about ``sample_tokens`` tokens per run when it is positive).
-
-    ``removed``: layers already taken out (masked during the pass); a run's regressor is then
-    the MLP output of the last kept layer before it (:func:`preceding_kept`)."""
-    fraction = min(1.0, sample_tokens / max(1, calib_ids.numel()))
-    prev = {tuple(r): preceding_kept(r[0], removed) for r in runs}
-    acc = HealAccumulator(get_adapter(model), prev, fraction)
-    with masked(model, PrunePlan(layers=sorted(set(removed)))):
-        capture(model, calib_ids, [acc], batch_size=batch_size, progress=progress)
-    return acc.result()
-
-
 def _cosine_refine(stats: RunStats, t0: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
     """Adam on ``mean(1 − cos(h + M T, Y))`` over the kept token subsample, from ``t0``."""
     m, h, y = (torch.cat(parts) for parts in zip(*stats.sample, strict=True))
@@ -281,6 +141,7 @@ def fit_linear_heal(
     cosine_tokens: int = 8192,
     cosine_steps: int = 200,
     cosine_lr: float = 1e-4,
+    fit: str = "map",
 ) -> dict[Run, torch.Tensor]:
     """Fit one linear map per contiguous run of ``removed_layers`` (see the module docstring).
 
@@ -291,8 +152,12 @@ def fit_linear_heal(
     ``sequential`` (several runs): each run is fitted on the model whose earlier runs are
     already healed and removed, so its target is what the healed model will really compute
     (one pass per run; the model is restored afterwards); ``False`` fits every run on the dense
-    model in one pass, as ReplaceMe does.
+    model in one pass, as ReplaceMe does. ``fit="down_proj"`` refits the whole ``down_proj``
+    weight instead of a map (:mod:`prunekit.core.heal_stats`); ``T`` is then that weight,
+    transposed, ``[intermediate (+1 for a bias), hidden]``.
     """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if ridge < 0:
@@ -308,7 +173,7 @@ def fit_linear_heal(
             maps[run] = _cosine_refine(st, t, cosine_steps, cosine_lr) if sample else t
         return maps
 
-    kw = {"batch_size": batch_size, "progress": progress, "sample_tokens": sample}
+    kw = {"batch_size": batch_size, "progress": progress, "sample_tokens": sample, "fit": fit}
     if not sequential or len(runs) < 2:
         return solve(accumulate_run_stats(model, calib_ids, runs, **kw)) if runs else {}
     maps: dict[Run, torch.Tensor] = {}
@@ -316,24 +181,24 @@ def fit_linear_heal(
         for run in runs:
             done = [i for a, b in maps for i in range(a, b + 1)]
             maps |= solve(accumulate_run_stats(model, calib_ids, [run], removed=done, **kw))
-            fold(run[0] - 1, maps[run])
+            fold(run[0] - 1, maps[run], fit)
     return maps
 
 
 @contextlib.contextmanager
 def temporary_folds(model: nn.Module) -> Iterator:
-    """Yields ``fold(p, T)`` (:func:`_fold`, which first saves layer ``p``'s ``down_proj``);
+    """Yields ``fold(p, T, fit)`` (:func:`_fold`, which first saves layer ``p``'s ``down_proj``);
     on exit every folded weight and bias is restored exactly."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     saved: dict[int, list] = {}
 
-    def fold(p: int, t: torch.Tensor) -> None:
+    def fold(p: int, t: torch.Tensor, fit: str = "map") -> None:
         if p not in saved:
             proj = adapter.neuron_output_projection(layers[p])
             params = (adapter.linear_weight(proj), getattr(proj, "bias", None))
             saved[p] = [(x, x.detach().clone()) for x in params if x is not None]
-        _fold(model, p, t)
+        _fold(model, p, t, fit)
 
     try:
         yield fold
@@ -345,25 +210,39 @@ def temporary_folds(model: nn.Module) -> Iterator:
 
 
 @torch.no_grad()
-def _fold(model: nn.Module, p: int, t: torch.Tensor) -> None:
-    """``down_proj`` of layer ``p`` becomes ``Tᵀ W``, ``Tᵀ b`` (float64 product, dtype kept)."""
+def _fold(model: nn.Module, p: int, t: torch.Tensor, fit: str = "map") -> None:
+    """``down_proj`` of layer ``p`` becomes ``Tᵀ W``, ``Tᵀ b`` (``fit="map"``: float64
+    product) or ``T``'s rows (``"down_proj"``: the weight, then the bias); dtype kept."""
     adapter = get_adapter(model)
     proj = adapter.neuron_output_projection(adapter.layers(model)[p])
     weight = adapter.linear_weight(proj)
-    t = t.to(device=weight.device, dtype=torch.float64)
-    weight.copy_((t.T @ weight.to(torch.float64)).to(weight.dtype))
     bias = getattr(proj, "bias", None)
+    t = t.to(device=weight.device, dtype=torch.float64)
+    if fit == "down_proj":
+        n_in = weight.shape[1]
+        if t.shape[0] != n_in + (bias is not None) or t.shape[1] != weight.shape[0]:
+            raise ValueError(f"a down_proj fit of shape {tuple(t.shape)} does not fit layer {p}")
+        weight.copy_(t[:n_in].T.to(weight.dtype))
+        if bias is not None:
+            bias.copy_(t[n_in].to(bias.dtype))
+        return
+    weight.copy_((t.T @ weight.to(torch.float64)).to(weight.dtype))
     if bias is not None:
         bias.copy_((t.T @ bias.to(torch.float64)).to(bias.dtype))
 
 
-def apply_linear_heal(model: nn.Module, maps: dict[Run, torch.Tensor]) -> nn.Module:
+def apply_linear_heal(
+    model: nn.Module, maps: dict[Run, torch.Tensor], fit: str = "map"
+) -> nn.Module:
     """Fold each run's map into ``down_proj`` of the layer before the run, in place (weight and
-    bias become ``Tᵀ W`` and ``Tᵀ b``; the model's dtype is kept). The model must still have
-    its original layers: call this *before* :func:`prunekit.apply_plan` removes the runs."""
+    bias become ``Tᵀ W`` and ``Tᵀ b``, or for ``fit="down_proj"`` the fitted weight and bias;
+    the model's dtype is kept). The model must still have its original layers: call this
+    *before* :func:`prunekit.apply_plan` removes the runs."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     check_healable(model, list(maps))
     for (first, _last), t in maps.items():
-        _fold(model, first - 1, t)
+        _fold(model, first - 1, t, fit)
     return model
 
 
@@ -385,6 +264,13 @@ class HealConfig:
         default=True,
         metadata={"help": "fit each run on the model with the earlier runs already healed"},
     )
+    fit: str = field(
+        default="map",
+        metadata={
+            "help": "'map' (ReplaceMe: a [hidden, hidden] map folded into down_proj) or "
+            "'down_proj' (refit the whole down_proj weight on its input activations)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
@@ -393,9 +279,16 @@ class HealConfig:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ridge": self.ridge, "objective": self.objective, "sequential": self.sequential}
+        return {
+            "ridge": self.ridge,
+            "objective": self.objective,
+            "sequential": self.sequential,
+            "fit": self.fit,
+        }
 
 
 class LinearHeal:
@@ -419,8 +312,9 @@ class LinearHeal:
             ridge=config.ridge,
             objective=config.objective,
             sequential=config.sequential,
+            fit=config.fit,
         )
-        apply_linear_heal(model, maps)
+        apply_linear_heal(model, maps, config.fit)
         return maps
 
 
@@ -436,5 +330,27 @@ def heal_and_remove(
 ) -> nn.Module:
     """Fit the maps, fold them, and remove ``removed_layers`` with :func:`prunekit.apply_plan`."""
     removed = sorted(set(removed_layers))
-    apply_linear_heal(model, fit_linear_heal(model, calib_ids, removed, **fit_kwargs))
+    maps = fit_linear_heal(model, calib_ids, removed, **fit_kwargs)
+    apply_linear_heal(model, maps, fit_kwargs.get("fit", "map"))
     return apply_plan(model, PrunePlan(layers=removed))
+
+
+__all__ = [
+    "FITS",
+    "METHODS",
+    "OBJECTIVES",
+    "HealAccumulator",
+    "HealConfig",
+    "LinearHeal",
+    "Run",
+    "RunStats",
+    "accumulate_run_stats",
+    "apply_linear_heal",
+    "check_healable",
+    "fit_linear_heal",
+    "get_healer",
+    "heal_and_remove",
+    "layer_runs",
+    "preceding_kept",
+    "temporary_folds",
+]

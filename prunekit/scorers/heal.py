@@ -1,4 +1,6 @@
-"""Layer-block scorer by what linear healing cannot repair (``heal_residual``)."""
+"""Layer-block scorers by what linear healing cannot repair: ``heal_residual`` (the fit's
+relative residual, closed form) and ``heal_loss`` (the healed model's held-out calibration
+loss)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from typing import Any
 import torch
 
 from prunekit.core.capture import Context
-from prunekit.core.heal import HealAccumulator
+from prunekit.core.heal import FITS, HealAccumulator, accumulate_run_stats
 from prunekit.scorers.base import Scorer
+from prunekit.scorers.heal_loss import healed_block_losses
 
 
 @dataclass
@@ -39,11 +42,7 @@ class HealResidualConfig:
 
 class _BlockAccumulator(HealAccumulator):
     def __init__(self, ctx: Context, config: HealResidualConfig):
-        if not getattr(ctx.adapter, "pre_norm", ctx.causal):
-            raise ValueError(
-                "heal_residual scores what a map folded into down_proj repairs, which needs a "
-                "pre-norm decoder; use block_influence or angular_distance for this model"
-            )
+        _need_pre_norm(ctx, "heal_residual")
         L = ctx.n_layers
         runs = {
             (s, s + n - 1): s - 1
@@ -86,4 +85,124 @@ class HealResidual(Scorer):
     accumulator_class = _BlockAccumulator
 
 
-SCORERS = (HealResidual(),)
+def _need_pre_norm(ctx: Context, name: str) -> None:
+    if not getattr(ctx.adapter, "pre_norm", ctx.causal):
+        raise ValueError(
+            f"{name} scores what a map folded into down_proj repairs, which needs a pre-norm "
+            "decoder; use block_influence or angular_distance for this model"
+        )
+
+
+@dataclass
+class HealLossConfig:
+    block_size: int = field(
+        default=0,
+        metadata={
+            "help": "block size scored (set from the layer target by plan_for/compress); "
+            "0: every size up to max_block"
+        },
+    )
+    max_block: int = field(default=8, metadata={"help": "largest size scored when block_size=0"})
+    candidates: int = field(
+        default=4,
+        metadata={
+            "help": "blocks per size whose healed loss is measured: those with the smallest "
+            "heal_residual (the others get NaN)"
+        },
+    )
+    holdout: float = field(
+        default=0.25,
+        metadata={"help": "fraction of the calibration samples held out to measure the loss"},
+    )
+    fit: str = field(
+        default="down_proj", metadata={"help": "the healing fit: 'map' or 'down_proj'"}
+    )
+    ridge: float = field(
+        default=1e-4, metadata={"help": "ridge of the fit, relative to the mean eigenvalue"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_block", "candidates"):
+            value = getattr(self, name)
+            low = 0 if name == "block_size" else 1
+            if isinstance(value, bool) or int(value) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            setattr(self, name, int(value))
+        if not 0 < float(self.holdout) < 1:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout!r}")
+        self.holdout = float(self.holdout)
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if float(self.ridge) < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        self.ridge = float(self.ridge)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "block_size": self.block_size,
+            "max_block": self.max_block,
+            "candidates": self.candidates,
+            "holdout": self.holdout,
+            "fit": self.fit,
+            "ridge": self.ridge,
+        }
+
+
+class HealLoss(Scorer):
+    """Held-out calibration loss of the *healed* model (ReplaceMe, Shopkhoev et al. 2025, arXiv
+    2505.02819, selecting by what the healed model loses): for the block of ``n`` layers
+    starting at ``s``,
+
+        D[n−1, s] = CE(model without layers s..s+n−1, healed by --heal linear; held-out rows),
+
+    the mean next-token loss on the last ``holdout`` fraction of the calibration samples,
+    with the map fitted on the others. Only the ``candidates`` blocks per size with the
+    smallest ``heal_residual`` are measured (NaN elsewhere; blocks containing layer 0 or the
+    last layer are never candidates). ``block = True``: lower = remove. ``plan_for`` sets
+    ``block_size`` to the layer target; ``block_size=0`` scores every size up to
+    ``max_block``. Normal mode only.
+    """
+
+    name = "heal_loss"
+    unit = "layers"
+    kind = "custom"
+    block = True
+    sequential_ok = False
+    config_class = HealLossConfig
+
+    def run(self, model, samples, ctx, config, *, batch_size, progress):
+        _need_pre_norm(ctx, self.name)
+        n_held = max(1, round(config.holdout * len(samples)))
+        if len(samples) - n_held < 1:
+            raise ValueError("heal_loss needs at least 2 calibration samples (fit and held-out)")
+        fit_ids, held_ids = samples[:-n_held], samples[-n_held:]
+        L = ctx.n_layers
+        sizes = [config.block_size] if config.block_size else range(1, config.max_block + 1)
+        runs = [(s, s + n - 1) for n in sizes for s in range(1, L - n)]
+        if not runs:
+            raise ValueError(f"no block of {list(sizes)} layers fits between the first and last")
+        ranked = accumulate_run_stats(model, fit_ids, runs, batch_size=batch_size)
+        res = {
+            r: st.residual(st.solve(config.ridge)) / max(st.yy, 1e-300) for r, st in ranked.items()
+        }
+        chosen = []
+        for n in sizes:
+            of_n = sorted((r for r in runs if r[1] - r[0] + 1 == n), key=res.__getitem__)
+            chosen += of_n[: config.candidates]
+        losses = healed_block_losses(
+            model,
+            ctx.adapter,
+            fit_ids,
+            held_ids,
+            chosen,
+            fit=config.fit,
+            ridge=config.ridge,
+            batch_size=batch_size,
+        )
+        out = torch.full((L, L), float("nan"))
+        for (s, e), value in losses.items():
+            out[e - s, s] = value
+        return out
+
+
+SCORERS = (HealResidual(), HealLoss())
