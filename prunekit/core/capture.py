@@ -30,7 +30,6 @@ layer's ``.grad`` filled in) run through :func:`capture_gradients`.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,103 +231,65 @@ class _Recorder(nn.Module):
 
 
 class _LayerLoader:
-    """Reads one layer's tensors from a model directory's safetensors files on demand.
-
-    Each read opens the file, copies the tensors out and closes it again: an open
-    ``safe_open`` handle keeps the file memory-mapped, and every page read through it would
-    stay in the process's resident set until the end, i.e. the whole model by the last layer.
-    """
+    """Reads tensors from a model directory's safetensors files on demand, with plain file
+    reads (:mod:`prunekit.core.tensorfile`): nothing is memory-mapped, so no page of the
+    checkpoint stays in the resident set, and each tensor is read once, straight into its own
+    memory (no copy out of a mapping)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
+        from prunekit.core.checkpoint import checkpoint_tensors
+        from prunekit.errors import ModelLoadError
 
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            from prunekit.errors import ModelLoadError
-
+        if not any(path.glob("*.safetensors")):
             raise ModelLoadError(
                 f"{path} has no *.safetensors files; sequential scoring reads weights from "
                 "safetensors (re-save the model with prunekit.save_pretrained)"
             )
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    self._where[k] = f
+        self._tensors = checkpoint_tensors(path)
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._tensors)
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+    def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """Tensor ``key`` (floating tensors cast to ``dtype``) on ``device``."""
+        from prunekit.core.tensorfile import read_tensor
 
-        by_file: dict[Path, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self._where[k], []).append(k)
-        out = {}
-        for f, names in by_file.items():
-            with safe_open(str(f), framework="pt") as h:
-                for k in names:
-                    out[k] = h.get_tensor(k).clone()
-        return out
+        t = read_tensor(self._tensors[key])
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t if device is None else t.to(device)
 
-    def get(self, key: str) -> torch.Tensor:
-        return self.get_many([key])[key]
-
-    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype | None) -> None:
-        state = {}
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype | None, device=None):
         names = list(module.state_dict().keys())
-        for name in names:
-            key = f"{prefix}{name}"
-            if key not in self._where:
-                from prunekit.errors import ModelLoadError
+        missing = [f"{prefix}{n}" for n in names if f"{prefix}{n}" not in self._tensors]
+        if missing:
+            from prunekit.errors import ModelLoadError
 
-                raise ModelLoadError(f"checkpoint lacks tensor {key}")
-        tensors = self.get_many([f"{prefix}{name}" for name in names])
-        for name in names:
-            t = tensors[f"{prefix}{name}"]
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            state[name] = t
+            raise ModelLoadError(f"checkpoint lacks tensor {missing[0]}")
+        state = {name: self.get(f"{prefix}{name}", dtype, device) for name in names}
         module.load_state_dict(state, strict=True, assign=True)
 
 
 def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, _LayerLoader, dict]:
-    """A model with empty (meta) layers and real non-layer weights of the base model."""
-    from accelerate import init_empty_weights
-
-    from prunekit.core.io import _model_class, read_config
+    """The model of ``path`` on the meta device (:func:`prunekit.core.io.meta_skeleton`, per-layer
+    shapes included) with the real non-layer weights of its base model in ``dtype``; each
+    layer's weights are read when its turn comes."""
+    from prunekit.core.io import meta_skeleton
     from prunekit.plugins import get_adapter
 
-    config = read_config(path)
-    adapter = get_adapter(config)
-    shapes = adapter.layer_shapes_from_config(config)
-    overrides = json.loads((path / "config.json").read_text()).get("per_layer_config")
-    if shapes is not None:
-        config.per_layer_config = None
-    with init_empty_weights(include_buffers=False):
-        model = _model_class(config, adapter)._from_config(config)
-    if shapes is not None:
-        for layer, shape in zip(adapter.layers(model), shapes, strict=True):
-            adapter.reshape_layer(layer, shape)
-        config.per_layer_config = {int(k): v for k, v in overrides.items()}
-    model.eval()
+    model = meta_skeleton(path, dtype)
+    adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
     base_prefix = names[id(model.base_model)]
     base_prefix = f"{base_prefix}." if base_prefix else ""
     layer_prefix = {i: f"{names[id(layer)]}." for i, layer in enumerate(adapter.layers(model))}
     loader = _LayerLoader(path)
     layer_prefixes = tuple(layer_prefix.values())
-    state = {}
-    wanted = [
-        k for k in loader.keys() if k.startswith(base_prefix) and not k.startswith(layer_prefixes)
-    ]
-    tensors = loader.get_many(wanted)
-    for key in wanted:
-        t = tensors[key]
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[key[len(base_prefix) :]] = t
+    state = {
+        k[len(base_prefix) :]: loader.get(k, dtype)
+        for k in loader.keys()
+        if k.startswith(base_prefix) and not k.startswith(layer_prefixes)
+    }
     model.base_model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -351,18 +312,26 @@ def capture_sequential(
     *,
     batch_size: int = 8,
     progress: bool = True,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Sequential mode: all samples through layer 0, then all through layer 1, ...
 
     ``model`` is a loaded model, or a model directory whose layers are then loaded one at a
-    time from its safetensors files (and dropped after use).
+    time from its safetensors files (and dropped after use) in ``dtype`` (default: the
+    checkpoint's own, e.g. bf16 stays bf16, as ``load_model`` loads it) onto ``device``.
+    The scorers' statistics accumulate in float32 whatever the dtype.
     """
     from prunekit.plugins import get_adapter
 
     loader = None
     if isinstance(model, (str, Path)):
-        _return_freed_memory_to_os()
+        from prunekit.core.checkpoint import checkpoint_tensors, main_dtype
+        from prunekit.core.tensorfile import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
+        if dtype is None and any(Path(model).glob("*.safetensors")):
+            dtype = main_dtype(checkpoint_tensors(model))
         model, loader, layer_prefix = _skeleton(Path(model), dtype)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
@@ -391,7 +360,7 @@ def capture_sequential(
     for i in _tqdm(range(len(layers)), progress=progress, desc="layers", total=len(layers)):
         layer = layers[i]
         if loader is not None:
-            loader.load_into(layer, layer_prefix[i], dtype)
+            loader.load_into(layer, layer_prefix[i], dtype, device)
         for a in accs:
             if "weights" in a.taps:
                 a.on_weights(i, layer)
@@ -403,25 +372,6 @@ def capture_sequential(
         stores[i] = []  # this layer's masks / position embeddings are no longer needed
         if loader is not None:
             layer.to("meta")
-
-
-def _return_freed_memory_to_os() -> None:
-    """Make glibc give each dropped layer's memory back to the OS.
-
-    glibc serves blocks below its mmap threshold (which grows with every large free, up to
-    32 MiB) from the heap and keeps freed heap memory, so loading and dropping layers one
-    after another ratchets the resident set up: on a 1.1B model the peak RSS was 0.69x the
-    fp32 weights with the default and 0.27x with a fixed 1 MiB mmap/trim threshold
-    (``benchmarks/scoring.py``). Process-wide, as malloc settings are; a no-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, no longer adaptive
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 # ---- gradients -------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def compress(
         from prunekit.core.sequential import compress_sequential
 
         return compress_sequential(
-            model_or_path, recipe, output_dir, overwrite=overwrite, progress=progress
+            model_or_path, recipe, output_dir, overwrite=overwrite, progress=progress, resume=resume
         )
     output_dir = check_output_dir(output_dir, overwrite, inputs=(model_or_path,))
     plugins = preflight(recipe, model_or_path, gguf_file=gguf_file)

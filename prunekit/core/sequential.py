@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from prunekit.core.io import check_output_dir, weights_size_mb
 from prunekit.core.recipe import Recipe
 
@@ -56,12 +58,19 @@ def compress_sequential(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ):
     """Score layer by layer from ``model_dir``'s safetensors, select, stream-apply the plan to
-    ``output_dir`` → :class:`prunekit.core.pipeline.CompressResult`."""
+    ``output_dir`` → :class:`prunekit.core.pipeline.CompressResult`.
+
+    The same guards and order as the in-memory pipeline: the output is checked before any work
+    (:mod:`prunekit.core.outdir`), the scores are kept for ``resume`` until the model is saved
+    (:mod:`prunekit.core.resume`), the model is written atomically first, then ``report.md``
+    (without evaluation) and the sidecar's timings; a report that fails is recorded in both
+    and raises :class:`~prunekit.errors.StageFailedError`, the model kept."""
     from prunekit.core.io import read_config
     from prunekit.core.pipeline import CompressResult, preflight
-    from prunekit.core.select import plan_for
+    from prunekit.core.resume import ScoreCache
     from prunekit.core.streaming import stream_apply
     from prunekit.plugins import get_adapter
 
@@ -69,41 +78,130 @@ def compress_sequential(
     plugins = preflight(recipe, model_dir)
     check_sequential(recipe, plugins, model_dir)
     say = print if progress else (lambda *a, **k: None)
+    recipe = recipe.replace(sequential=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     config = read_config(model_dir)
     dense_shapes = get_adapter(config).config_shapes(config)
     ids = recipe.calibration.load(_tokenizer(model_dir))  # before any scoring
     timings["calibration"] = time.perf_counter() - t0
-    say(f"[prunekit] scoring {model_dir} layer by layer from its safetensors", flush=True)
     t0 = time.perf_counter()
-    plan, scores = plan_for(
-        str(model_dir),
-        ids,
-        recipe.targets,
-        progress=progress,
-        scorers=plugins.scorers,
-        sequential=True,
-    )
+    cache = ScoreCache(output_dir, model_dir, recipe)
+    plan, scores = _score_and_select(model_dir, ids, recipe, plugins, cache, resume, say, progress)
     timings["score+select"] = time.perf_counter() - t0
-    if plan.is_empty():
-        raise ValueError("targets: the selection removed nothing (targets too small?)")
     say(f"[prunekit] removing {plan.summary()} (streaming to {output_dir})", flush=True)
     metrics: dict[str, dict[str, Any]] = {"dense": {"size_on_disk_mb": weights_size_mb(model_dir)}}
+    metrics["pruned"] = {}
     extra = {
-        "recipe": {**recipe.to_dict(), "sequential": True},
-        "scores": [scores.to_dict()],
-        "dense_layer_shapes": [s.to_dict() for s in dense_shapes],
+        "recipe": recipe.to_dict(),
+        "metrics": metrics,
         "timings": timings,
+        "scores": [scores.to_dict()],
+        "recovery": [],
+        "dense_layer_shapes": [s.to_dict() for s in dense_shapes],
     }
     t0 = time.perf_counter()
-    out = stream_apply(model_dir, plan, output_dir, overwrite=overwrite, extra=extra)
+    out = stream_apply(
+        model_dir, plan, output_dir, overwrite=overwrite, extra=extra, **_cast(recipe)
+    )
     timings["apply+save"] = time.perf_counter() - t0
-    metrics["pruned"] = {"size_on_disk_mb": weights_size_mb(out)}
+    cache.clear()
+    say(f"[prunekit] saved the compressed model to {out}", flush=True)
+    metrics["pruned"]["size_on_disk_mb"] = weights_size_mb(out)
     layout = "per_layer" if "per_layer_config" in (out / "config.json").read_text() else "uniform"
-    return CompressResult(
+    result = CompressResult(
         output_dir=out, plans=[plan], metrics=metrics, timings=timings, layout=layout
     )
+    _finish(result, recipe, scores, dense_shapes)
+    return result
+
+
+def _cast(recipe: Recipe) -> dict[str, Any]:
+    """``stream_apply``'s ``dtype``: the recipe's placement dtype, unless ``auto`` (kept)."""
+    placement = getattr(recipe, "placement", None)
+    name = getattr(placement, "dtype", "auto") or "auto"
+    return {} if name == "auto" else {"dtype": getattr(torch, name)}
+
+
+def _score_and_select(model_dir, ids, recipe: Recipe, plugins, cache, resume: bool, say, progress):
+    """Scores from the layer-by-layer capture (or, with ``resume``, those an earlier run of
+    the same model and recipe kept), then the selection → ``(plan, scores)``."""
+    from prunekit.core.select import plan_for, select
+
+    kept = cache.load(0) if resume else None
+    if kept is not None:
+        say(f"[prunekit] reusing the scores kept in {cache.dir} (--resume)", flush=True)
+        plan, scores = select(kept, recipe.targets, scorers=plugins.scorers), kept
+    else:
+        say(f"[prunekit] scoring {model_dir} layer by layer from its safetensors", flush=True)
+        plan, scores = plan_for(
+            str(model_dir),
+            ids,
+            recipe.targets,
+            progress=progress,
+            scorers=plugins.scorers,
+            sequential=True,
+            **_placement(recipe),
+        )
+        cache.save(0, scores)
+    if plan.is_empty():
+        raise ValueError("targets: the selection removed nothing (targets too small?)")
+    return plan, scores
+
+
+def _placement(recipe: Recipe) -> dict[str, Any]:
+    placement = getattr(recipe, "placement", None)
+    if placement is None:
+        return {}
+    return {"device": placement.device, "dtype": placement.dtype}
+
+
+def _finish(result, recipe: Recipe, scores, dense_shapes) -> None:
+    """``report.md`` (no evaluation: it says how to measure) and the sidecar's final timings;
+    a failure is recorded in both and raises :class:`StageFailedError` (the model is kept)."""
+    from prunekit.core.capture import read_shapes
+    from prunekit.core.report import write_report
+    from prunekit.errors import StageFailedError
+
+    out = result.output_dir
+    failures: dict[str, str] = {}
+    try:
+        args = (out, result, recipe, [scores], [], dense_shapes, read_shapes(out))
+        result.report = write_report(*args)
+        with open(result.report, "a", encoding="utf-8") as f:
+            f.write(NOT_EVALUATED.format(out=out))
+    except Exception as e:  # noqa: BLE001 -- recorded, reported, raised after the save
+        failures["report"] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        result.report = out / "report.md"
+        with open(result.report, "a", encoding="utf-8") as f:
+            f.write(f"# prunekit report\n\n## Failed stages\n\n- report: {failures['report']}\n")
+    result.failures = failures
+    _update_sidecar(out, result)
+    if failures:
+        raise StageFailedError(str(out), failures, result=result)
+
+
+NOT_EVALUATED = (
+    "\n## Not measured\n\n"
+    "`--sequential` never builds the model, so perplexity and latency were not measured. "
+    "Measure the pruned model with `prunekit eval {out}`.\n"
+)
+
+
+def _update_sidecar(out: Path, result) -> None:
+    """Rewrite ``prunekit.json`` with the timings and failures known after the save
+    (atomically: a temporary file renamed over it)."""
+    import json
+    import os
+
+    from prunekit.core.io import SIDECAR
+
+    path = out / SIDECAR
+    sidecar = json.loads(path.read_text(encoding="utf-8"))
+    sidecar.update(metrics=result.metrics, timings=result.timings, failures=result.failures)
+    tmp = path.with_name(f".{SIDECAR}.tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _tokenizer(model_dir: str | Path):
