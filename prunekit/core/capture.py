@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.core.devices import move_real_tensors
 from prunekit.core.shapes import LayerShape
 
 TAPS = ("weights", "layer_io", "head_inputs", "neuron_inputs", "gradients")
@@ -333,6 +334,8 @@ def capture_sequential(
         if dtype is None and any(Path(model).glob("*.safetensors")):
             dtype = main_dtype(checkpoint_tensors(model))
         model, loader, layer_prefix = _skeleton(Path(model), dtype)
+        if device is not None:  # layers stay meta until each is loaded onto ``device``
+            move_real_tensors(model, device)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     base = model.base_model

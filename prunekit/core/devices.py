@@ -23,20 +23,29 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_HELP = "auto|bfloat16|float16|float32 (auto: the checkpoint's own dtype)"
 
 
+def parse_device(device: str | torch.device | None, option: str = "device") -> torch.device | None:
+    """The form of ``device`` alone (whether this machine has it is :func:`resolve_device`'s
+    question): ``None`` for ``None`` / ``"auto"``, else a CPU or CUDA :class:`torch.device`."""
+    if device is None or device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(option, device, f"unknown device; use {DEVICE_HELP}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(option, device, f"unsupported device type; use {DEVICE_HELP}")
+    return dev
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``device`` as a :class:`torch.device`; ``None`` / ``"auto"``: ``cuda`` when available,
     else ``cpu``. Raises :class:`DeviceError` for an unknown device or CUDA asked for on a
     machine without it."""
-    if device is None or device == "auto":
+    dev = parse_device(device)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError("device", device, f"unknown device; use {DEVICE_HELP}") from None
     if dev.type == "cpu":
         return dev
-    if dev.type != "cuda":
-        raise DeviceError("device", device, f"unsupported device type; use {DEVICE_HELP}")
     if not torch.cuda.is_available():
         raise DeviceError(
             "device", device, "CUDA was asked for but this machine has none; use --device cpu"
@@ -101,6 +110,90 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_model_placement(model: torch.nn.Module, device: Any = None, dtype: Any = None) -> None:
+    """An in-memory model keeps its own device and dtype (only a path is loaded with them):
+    a ``device`` / ``dtype`` asked for that is not the model's is a :class:`DeviceError`
+    saying how to fix it. ``None`` / ``"auto"`` accept any."""
+    if device not in (None, "auto"):
+        want, have = resolve_device(device), model_device(model)
+        spread = len(set(getattr(model, "hf_device_map", {}).values())) > 1
+        if spread or want.type != have.type or want.index not in (None, have.index):
+            where = "spread by a device_map" if spread else f"on {have}"
+            raise DeviceError(
+                "device",
+                str(device),
+                f"the model is {where} and an in-memory model keeps its device; move it first "
+                f"(model.to({str(want)!r})) or pass its directory to load it there",
+            )
+    if dtype not in (None, "auto"):
+        want_dtype = resolve_dtype(dtype)
+        have_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if have_dtype not in (None, want_dtype):
+            name = str(want_dtype).removeprefix("torch.")
+            raise DeviceError(
+                "dtype",
+                str(dtype),
+                f"the model is {str(have_dtype).removeprefix('torch.')} and an in-memory model "
+                f"keeps its dtype; convert it first (model.to(torch.{name})) or pass its "
+                "directory to load it so",
+            )
+
+
+def move_real_tensors(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the parameters and buffers of ``model`` that hold data (not ``meta``) to ``device``
+    in place, keeping tied parameters tied: a layer-by-layer skeleton whose layers stay meta
+    until each is loaded straight onto ``device``."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or t.is_meta or t.device == device:
+                    continue
+                if id(t) not in moved:
+                    data = t.data.to(device)
+                    is_param = isinstance(t, torch.nn.Parameter)
+                    moved[id(t)] = torch.nn.Parameter(data, t.requires_grad) if is_param else data
+                store[name] = moved[id(t)]
+
+
+def load_or_check(model: Any, **placement: Any) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)``: a path (directory, hub id, ``.gguf``) loaded with ``placement``
+    (``device``, ``dtype``, ``device_map``, ``max_memory``: :func:`prunekit.load_model`'s
+    keywords; ``device=None`` is ``"auto"``, as on the command line); an in-memory model as it
+    is (tokenizer ``None``), after :func:`check_model_placement` (a ``device_map`` cannot apply
+    to it)."""
+    if isinstance(model, (str, Path)):
+        from prunekit.core.io import load_model
+
+        kwargs = {k: v for k, v in placement.items() if v is not None}
+        if placement.get("device_map") is None:
+            kwargs.setdefault("device", "auto")
+        return load_model(model, **kwargs)
+    if placement.get("device_map") is not None or placement.get("max_memory"):
+        raise DeviceError(
+            "device_map",
+            placement.get("device_map"),
+            "an in-memory model is placed already; pass its directory to load it with a "
+            "device_map, or dispatch it yourself (accelerate.dispatch_model)",
+        )
+    check_model_placement(model, placement.get("device"), placement.get("dtype"))
+    return model, None
+
+
+def check_not_offloaded(model: torch.nn.Module) -> None:
+    """Pruning slices the weights in memory: a model whose ``device_map`` offloaded weights to
+    CPU or disk (``meta`` parameters) is a :class:`DeviceError` saying what to do instead."""
+    if any(p.is_meta for p in model.parameters()):
+        placed = set(getattr(model, "hf_device_map", {}).values())
+        raise DeviceError(
+            "device_map",
+            sorted(str(d) for d in placed & {"cpu", "disk"}),
+            "weights offloaded beyond max_memory cannot be pruned in memory; give --max-memory "
+            "room for the whole model, or use --sequential (scores layer by layer and streams "
+            "the plan: a model larger than memory); prunekit score and eval take it offloaded",
+        )
+
+
 def stat_dtype(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in float32 when it is a 16-bit float: statistics accumulate in fp32."""
     if tensor.is_floating_point() and tensor.element_size() < 4:
@@ -113,7 +206,12 @@ __all__ = [
     "DTYPE_CHOICES",
     "DTYPE_HELP",
     "check_device_map",
+    "check_not_offloaded",
+    "check_model_placement",
+    "load_or_check",
     "model_device",
+    "move_real_tensors",
+    "parse_device",
     "parse_max_memory",
     "resolve_device",
     "resolve_dtype",

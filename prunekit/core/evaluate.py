@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunekit.core.flops import flops_breakdown, flops_per_token, param_count
@@ -37,8 +38,8 @@ __all__ = [
 
 # ---- bundle -------------------------------------------------------------------------------
 def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
+    model: nn.Module | str | os.PathLike,
+    tokenizer: Any = None,
     *,
     text: str | os.PathLike | None = None,
     dense_model: nn.Module | None = None,
@@ -49,6 +50,10 @@ def evaluate(
     measure_latency: bool = True,
     n_sentences: int = 64,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the before/after table needs, in one dict::
 
@@ -62,8 +67,19 @@ def evaluate(
     Encoders (no LM head) get the embedding similarity to ``dense_model`` on the first
     ``n_sentences`` sentences of ``text`` (cut to ``max_chars``). ``flops_per_token`` is taken
     at ``context_len``; ``latency_kwargs`` go to :func:`latency`.
+
+    ``model`` may be a path (directory, hub id, ``.gguf``): it is loaded with ``device``
+    (default ``"auto"``: CUDA when available), ``dtype`` (default: the checkpoint's own),
+    ``device_map`` / ``max_memory`` (:func:`prunekit.load_model`), with its own tokenizer
+    unless ``tokenizer`` is given. An in-memory model keeps its own device and dtype (asking
+    for another is a :class:`~prunekit.errors.DeviceError`).
     """
+    from prunekit.core.devices import load_or_check
     from prunekit.plugins import get_adapter
+
+    placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    model, own_tokenizer = load_or_check(model, **placement)
+    tokenizer = tokenizer if tokenizer is not None else own_tokenizer
 
     adapter = get_adapter(model)
     causal = is_causal(model)

@@ -19,9 +19,6 @@ import copy
 import dataclasses
 import json
 import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,8 @@ import torch
 from torch import nn
 
 from prunekit.contracts import check_available
+from prunekit.core.data import check_source, resolve_eval_text
+from prunekit.core.devices import check_not_offloaded, load_or_check
 from prunekit.core.heal import get_healer
 from prunekit.core.io import (
     SIDECAR,
@@ -45,67 +44,13 @@ from prunekit.core.probe import probe_outputs, save_probe
 from prunekit.core.recipe import Recipe
 from prunekit.core.report import write_report
 from prunekit.core.resume import ScoreCache
+from prunekit.core.run_state import CompressResult, Plugins, Timer
 from prunekit.core.speed_stage import measure_speed, time_dense_alone
 from prunekit.core.surgery import apply_plan, check_not_quantized
 from prunekit.core.targets import resolve_scorers, scorer_configs, step_targets, unit_counts
 from prunekit.core.teacher_cache import teacher_caches, uses_teacher_cache
 from prunekit.errors import StageFailedError
 from prunekit.plugins import get_adapter, get_plugins
-
-
-@dataclass
-class CompressResult:
-    """What :func:`compress` did: the output directory, the plans applied (each in the
-    indices of the model it was applied to), metrics per stage, and timings."""
-
-    output_dir: Path
-    plans: list[PrunePlan]
-    metrics: dict[str, dict[str, Any]]
-    timings: dict[str, float]
-    layout: str
-    recovery: list[dict[str, Any]] = field(default_factory=list)
-    report: Path | None = None
-    failures: dict[str, str] = field(default_factory=dict)  # optional stage -> what failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output_dir": str(self.output_dir),
-            "plans": [p.to_dict() for p in self.plans],
-            "metrics": self.metrics,
-            "timings": self.timings,
-            "layout": self.layout,
-            "recovery": self.recovery,
-            "failures": self.failures,
-        }
-
-
-@dataclass
-class Plugins:
-    """The plugin objects (and validated configs) a recipe uses, resolved once by
-    :func:`preflight`."""
-
-    scorers: dict[str, Any]  # unit -> scorer object
-    recovery: Any = None
-    recovery_config: Any = None
-    quantizer: Any = None
-    quantize_config: Any = None
-    healer: Any = None
-    heal_config: Any = None
-
-
-class _Timer:
-    """``with timer("step"):`` adds the block's wall time to ``timings["step"]``."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -118,7 +63,7 @@ class _Run:
     tokenizer: Any
     dense: nn.Module | None  # a copy of the dense model, when a stage needs it
     dense_shapes: list
-    timer: _Timer
+    timer: Timer
     progress: bool
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     calib_ids: torch.Tensor | None = None
@@ -186,22 +131,9 @@ def preflight(recipe: Recipe, model: Any = None, *, gguf_file: str | None = None
         if plugins.recovery_config is not None:
             seq_lens["recovery.seq_len"] = getattr(plugins.recovery_config, "seq_len", None)
         check_model_input(model, targets=t, scorers=scorers, seq_lens=seq_lens, gguf_file=gguf_file)
-    _check_texts(recipe)
-    return plugins
-
-
-def _check_texts(recipe: Recipe) -> None:
-    from prunekit.core.data import check_source
-
     check_source(recipe.calibration.source, "calibration")
     check_source(recipe.evaluation.text, "evaluation")
-
-
-def _eval_text(recipe: Recipe) -> Path | str | None:
-    """The evaluation text (a file, the text itself) or None: perplexity is skipped."""
-    from prunekit.core.data import resolve_eval_text
-
-    return resolve_eval_text(recipe.evaluation.text, max_chars=recipe.evaluation.max_chars)
+    return plugins
 
 
 # ---- the stages ------------------------------------------------------------------------------
@@ -217,6 +149,10 @@ def compress(
     sequential: bool | None = None,
     allow_pickle: bool = False,
     resume: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> CompressResult:
     """Compress a model with a recipe and save the result, the report and the evidence.
 
@@ -229,9 +165,19 @@ def compress(
     of the same model and recipe kept beside the output (:mod:`prunekit.core.resume`). An
     optional stage after pruning that fails (evaluation, report) raises
     :class:`~prunekit.errors.StageFailedError` once the model is saved.
+
+    ``device`` / ``dtype`` / ``device_map`` / ``max_memory`` (default: the recipe's
+    ``placement``: CUDA when available, the checkpoint's dtype) place a model given as a path;
+    the output keeps that dtype; an in-memory model keeps its own. A device this machine
+    lacks fails before any work (:class:`~prunekit.errors.DeviceError`).
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_file(recipe)
+    asked = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    recipe = recipe.replace(placement=recipe.placement.override(**asked))
+    if isinstance(model_or_path, nn.Module):
+        load_or_check(model_or_path, **asked)  # it keeps its own device and dtype
+    placement = recipe.placement.load_kwargs()  # a device this machine lacks fails here
     if sequential if sequential is not None else recipe.sequential:
         from prunekit.core.sequential import compress_sequential
 
@@ -240,8 +186,9 @@ def compress(
         )
     output_dir = check_output_dir(output_dir, overwrite, inputs=(model_or_path,))
     plugins = preflight(recipe, model_or_path, gguf_file=gguf_file)
-    eval_text = _eval_text(recipe)
-    source = (model_or_path, gguf_file, allow_pickle)
+    # the evaluation text (a file, the text itself) or None: perplexity is skipped
+    eval_text = resolve_eval_text(recipe.evaluation.text, max_chars=recipe.evaluation.max_chars)
+    source = (model_or_path, gguf_file, allow_pickle, placement)
     run = _load(source, tokenizer, recipe, plugins, progress)
     run.eval_text = eval_text
     run.cache, run.resume = ScoreCache(output_dir, model_or_path, recipe), resume
@@ -274,8 +221,8 @@ def compress(
 def _load(source, tokenizer, recipe, plugins, progress) -> _Run:
     """Load the model (unless given one), check it can be pruned, keep a dense copy when a
     stage needs one (encoder evaluation, a recovery method with a teacher)."""
-    model_or_path, gguf_file, allow_pickle = source
-    timer = _Timer()
+    model_or_path, gguf_file, allow_pickle, placement = source
+    timer = Timer()
     with timer("load"):
         if isinstance(model_or_path, nn.Module):
             model = model_or_path
@@ -283,11 +230,12 @@ def _load(source, tokenizer, recipe, plugins, progress) -> _Run:
             if progress:
                 print(f"[prunekit] loading {model_or_path}", flush=True)
             model, tokenizer = load_model(
-                model_or_path, gguf_file=gguf_file, allow_pickle=allow_pickle
+                model_or_path, gguf_file=gguf_file, allow_pickle=allow_pickle, **placement
             )
     if tokenizer is None:
         raise ValueError("tokenizer: pass the tokenizer along with an in-memory model")
     adapter = get_adapter(model)  # unsupported architecture fails here, before any work
+    check_not_offloaded(model)
     check_not_quantized(
         model, "Compress the unquantized model and add --quantize (prune -> recover -> quantize)"
     )
@@ -486,18 +434,13 @@ def _update_sidecar(out: Path, run: _Run) -> None:
 def _evaluate(model, tokenizer, run: _Run) -> dict[str, Any]:
     from prunekit.core.evaluate import evaluate
 
-    ev = run.recipe.evaluation
-    window = ("context_len", "max_tokens", "max_chars")
-    speed = ("prompt_len", "new_tokens", "repeats")
     return evaluate(
         model,
         tokenizer,
         text=run.eval_text,
         dense_model=run.dense,
-        latency_kwargs={name: getattr(ev, name) for name in speed},
-        measure_latency=False,  # timed side by side after the save (core.speed_stage)
         progress=run.progress,
-        **{name: getattr(ev, name) for name in window},
+        **run.recipe.evaluation.evaluate_kwargs(),
     )
 
 

@@ -15,6 +15,7 @@ validated when built, with errors that name the field (``recovery.steps: ...``):
     quantize: {method: torchao, options: {scheme: int8_weight_only}}    # method null: none
     evaluation: {text: null, max_chars: 100000, context_len: 2048}      # none: no perplexity
     heal: {method: linear, options: {ridge: 1.0e-4}}   # fold a fitted map per removed run
+    placement: {device: auto, dtype: auto}   # cuda, bfloat16, device_map: auto, max_memory
 """
 
 from __future__ import annotations
@@ -77,6 +78,85 @@ class EvaluationSection:
             _check(value is None or value >= 1, f"evaluation.{name}", "must be >= 1 or null")
         for name in ("prompt_len", "new_tokens", "repeats"):
             _check(getattr(self, name) >= 1, f"evaluation.{name}", "must be >= 1")
+
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        """:func:`prunekit.core.evaluate.evaluate`'s keywords from this section (all but the
+        text, which :func:`prunekit.core.data.resolve_eval_text` resolves once)."""
+        speed = ("prompt_len", "new_tokens", "repeats")
+        return {
+            "context_len": self.context_len,
+            "max_tokens": self.max_tokens,
+            "max_chars": self.max_chars,
+            "latency_kwargs": {name: getattr(self, name) for name in speed},
+            "measure_latency": self.latency,
+        }
+
+
+@dataclass
+class PlacementSection:
+    """``placement: {device, dtype, device_map, max_memory}``: where a model given as a path
+    is loaded and run (an in-memory model keeps its own); the CLI's ``--device`` / ``--dtype``
+    / ``--device-map`` / ``--max-memory`` override it. Checked here for form; whether the
+    device exists is checked before any work (:func:`prunekit.core.devices.resolve_device`)."""
+
+    device: str = field(
+        default="auto", metadata={"help": "auto|cpu|cuda|cuda:N (auto: CUDA when available)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto|bfloat16|float16|float32 (auto: the checkpoint's own dtype)"},
+    )
+    device_map: str | None = field(
+        default=None, metadata={"help": "auto|balanced|sequential: spread over GPUs/CPU/disk"}
+    )
+    max_memory: dict[Any, str] | None = field(
+        default=None, metadata={"help": "with device_map: per-device budget {0: 20GiB, cpu: 60GiB}"}
+    )
+
+    def __post_init__(self) -> None:
+        from prunekit.core.devices import DTYPE_CHOICES, parse_device
+
+        _check(self.dtype in DTYPE_CHOICES, "placement.dtype", f"must be one of {DTYPE_CHOICES}")
+        parse_device(self.device, "placement.device")
+        _check(
+            self.device_map in (None, "auto", "balanced", "sequential"),
+            "placement.device_map",
+            f"must be auto, balanced, sequential or null, got {self.device_map!r}",
+        )
+        _check(
+            self.max_memory is None or isinstance(self.max_memory, dict),
+            "placement.max_memory",
+            "must be a mapping of device to size, e.g. {0: 20GiB, cpu: 60GiB}",
+        )
+        _check(
+            not self.max_memory or self.device_map is not None,
+            "placement.max_memory",
+            "needs placement.device_map (e.g. auto)",
+        )
+
+    def override(self, **given: Any) -> PlacementSection:
+        """This section with the fields given (not ``None``) replaced: the API's and the
+        CLI's ``device`` / ``dtype`` / ``device_map`` / ``max_memory`` win over the recipe's."""
+        names = {"device": str, "dtype": lambda d: str(d).removeprefix("torch.")}
+        given = {k: names.get(k, lambda v: v)(v) for k, v in given.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """:func:`prunekit.load_model`'s ``device`` / ``dtype`` / ``device_map`` /
+        ``max_memory``, checked against this machine (a :class:`DeviceError` otherwise)."""
+        from prunekit.core.devices import check_device_map, resolve_device
+
+        max_memory = {
+            int(k) if str(k).isdigit() else k: v for k, v in (self.max_memory or {}).items()
+        } or None
+        check_device_map(self.device_map, max_memory)
+        device = None if self.device_map else resolve_device(self.device)
+        return {
+            "device": device,
+            "dtype": self.dtype,
+            "device_map": self.device_map,
+            "max_memory": max_memory,
+        }
 
 
 @dataclass
@@ -180,6 +260,7 @@ def _section_name(section: Any) -> str:
 
 
 _SECTIONS = {
+    "placement": PlacementSection,
     "calibration": CalibrationSection,
     "evaluation": EvaluationSection,
     "recovery": RecoverySection,
@@ -209,6 +290,7 @@ class Recipe:
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     heal: HealSection = field(default_factory=HealSection)
+    placement: PlacementSection = field(default_factory=PlacementSection)
 
     def __post_init__(self) -> None:
         _check(

@@ -29,6 +29,7 @@ selection accept either and hold objects from then on.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -56,8 +57,10 @@ from prunekit.core.capture import (
     capture_sequential,
     is_model_dir,
 )
+from prunekit.core.devices import load_or_check, resolve_device, resolve_dtype
 from prunekit.core.jsonfile import read_json_object
 from prunekit.core.shapes import LayerShape
+from prunekit.errors import DeviceError
 
 Value = torch.Tensor | list[torch.Tensor]
 _UNITS = ("layers", "heads", "neurons", "attention", "mlps")
@@ -332,16 +335,30 @@ def _resolve(scorers: Any, configs: Mapping[str, Any] | None) -> tuple[dict, dic
     return objs, cfgs
 
 
-def _model_shapes(model: Any, sequential: bool) -> tuple[Any, list[LayerShape]]:
+def _placed(model: Any, sequential: bool, placement: dict[str, Any]) -> tuple[Any, dict]:
+    """The model to score and, for a directory scored layer by layer, the ``dtype`` /
+    ``device`` its layers are loaded in (:func:`prunekit.core.capture.capture_sequential`).
+    Any other path is loaded with ``placement``; an in-memory model keeps its own."""
+    if not (sequential and isinstance(model, (str, Path))):
+        return load_or_check(model, **placement)[0], {}
+    if placement["device_map"] is not None or placement["max_memory"]:
+        raise DeviceError(
+            "device_map",
+            placement["device_map"],
+            "sequential scoring loads one layer at a time onto one device; drop device_map",
+        )
+    device = placement["device"]
+    return model, {
+        "dtype": resolve_dtype(placement["dtype"], model),
+        "device": resolve_device("auto" if device is None else device),
+    }
+
+
+def _model_shapes(model: Any) -> tuple[Any, list[LayerShape]]:
     """The adapter and layer shapes of a loaded model or (sequential mode) a model directory."""
     if not isinstance(model, (str, Path)):
         adapter = plugins.get_adapter(model)
         return adapter, adapter.shapes(model)
-    if not sequential:
-        raise ValueError(
-            "a model directory is scored in sequential mode only (sequential=True); "
-            "otherwise load it first with prunekit.load_model"
-        )
     if not is_model_dir(model):
         raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
     from prunekit.core.io import read_config
@@ -351,10 +368,12 @@ def _model_shapes(model: Any, sequential: bool) -> tuple[Any, list[LayerShape]]:
     return adapter, adapter.config_shapes(config)
 
 
-def _run_forward(model, samples, ctx, objs, cfgs, *, batch_size, progress) -> dict[str, Value]:
+def _run_forward(
+    model, samples, ctx, objs, cfgs, *, batch_size, progress, load=None
+) -> dict[str, Value]:
     accs = {n: s.accumulator(ctx, cfgs[n]) for n, s in objs.items() if s.kind == "forward"}
     if accs:
-        run = capture_sequential if ctx.sequential else capture
+        run = functools.partial(capture_sequential, **(load or {})) if ctx.sequential else capture
         run(model, samples, list(accs.values()), batch_size=batch_size, progress=progress)
     return {n: a.result() for n, a in accs.items()}
 
@@ -388,6 +407,10 @@ def score(
     sequential: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> Scores:
     """Run ``scorers`` (registered names or scorer objects) on calibration ``samples`` (token
     ids ``[N, seq_len]``) → :class:`Scores`.
@@ -398,12 +421,21 @@ def score(
     ``model`` may then be a model directory whose layers are loaded one at a time.
     ``configs`` maps a scorer name to its config dataclass or a mapping of its options
     (strings from the CLI are coerced to the field types, see :func:`scorer_options`).
+
+    ``device`` / ``dtype`` / ``device_map`` / ``max_memory`` place a ``model`` given as a
+    path (as :func:`prunekit.load_model` does; ``device`` defaults to ``"auto"``, ``dtype`` to
+    the checkpoint's own; a directory scored sequentially is read one layer at a time onto
+    ``device``); an in-memory model keeps its own device and dtype (asking for another is a
+    :class:`~prunekit.errors.DeviceError`). Statistics accumulate in float32 whatever the
+    model dtype.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     samples = _samples_tensor(samples)
     objs, cfgs = _resolve(scorers, configs)
-    adapter, shapes = _model_shapes(model, sequential)
+    placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    model, load = _placed(model, sequential, placement)
+    adapter, shapes = _model_shapes(model)
     if sequential:
         bad = [n for n, s in objs.items() if not s.sequential_ok or s.kind != "forward"]
         if bad:
@@ -415,8 +447,10 @@ def score(
     ctx = Context(adapter, shapes, n, seq_len, sequential=sequential, causal=adapter.causal)
     started = time.perf_counter()
     results: dict[str, Value] = {}
-    for stage in (_run_forward, _run_gradient, _run_custom):
-        results |= stage(model, samples, ctx, objs, cfgs, batch_size=batch_size, progress=progress)
+    run = {"batch_size": batch_size, "progress": progress}
+    results |= _run_forward(model, samples, ctx, objs, cfgs, **run, load=load)
+    for stage in (_run_gradient, _run_custom):
+        results |= stage(model, samples, ctx, objs, cfgs, **run)
     meta = {
         "scorers": {n: _config_dict(cfgs[n]) for n in objs},
         "n_samples": int(n),

@@ -36,16 +36,14 @@ Scorer names are resolved once (:func:`resolve_scorers`); the selection reads me
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from prunekit.core.masking import masked
 from prunekit.core.plan import PrunePlan
-from prunekit.core.scores import Scores, get_scorer, group_sums, is_block, score
+from prunekit.core.scores import Scores, get_scorer, group_sums, is_block
 from prunekit.core.serve_shapes import serve_heads, serve_targets
 from prunekit.core.subblocks import select_subblocks
 from prunekit.core.targets import Targets, count_of, resolve_scorers, scorer_configs
@@ -413,77 +411,6 @@ def check_targets(shapes: list, targets: Targets, scorers: Mapping[str, Any] | N
     return plan
 
 
-def plan_for(
-    model: Any,
-    samples: torch.Tensor,
-    targets: Targets,
-    *,
-    progress: bool = True,
-    batch_size: int = 8,
-    configs: Mapping[str, Any] | None = None,
-    scorers: Mapping[str, Any] | None = None,
-    sequential: bool = False,
-) -> tuple[PrunePlan, Scores]:
-    """Score exactly what ``targets`` need (one capture pass for the forward-only scorers) and
-    select. ``scorers``: unit → scorer object from :func:`resolve_scorers` (resolved here if
-    not given); ``configs``: scorer name → options, on top of ``targets.scorer_options``.
-    With ``layer_steps > 1`` the layers are removed in that many steps, each re-scored with
-    the layers chosen so far masked out; the head and neuron scores are then computed with all
-    chosen layers masked. ``sequential=True`` scores layer by layer (``model`` may then be a
-    model directory read one layer at a time; ``layer_steps`` must be 1)."""
-    scorers = resolve_scorers(targets) if scorers is None else dict(scorers)
-    if not scorers:
-        raise ValueError("targets remove nothing: set layers, heads or neurons")
-    cfgs = scorer_configs(targets, scorers, configs)
-
-    def run(units: list[str], removed: list[int]) -> Scores:
-        objs = list({scorers[u].name: scorers[u] for u in units}.values())
-        cfg = {s.name: cfgs[s.name] for s in objs if s.name in cfgs}
-        mask = masked(model, PrunePlan(layers=removed)) if removed else contextlib.nullcontext()
-        with mask:
-            return score(
-                model,
-                samples,
-                objs,
-                batch_size=batch_size,
-                progress=progress,
-                configs=cfg,
-                sequential=sequential,
-            )
-
-    if targets.layer_steps <= 1 or "layers" not in scorers:
-        scores = run(list(scorers), [])
-        return select(scores, targets, scorers=scorers), scores
-    removed, history, scores = _layers_in_steps(model, targets, scorers["layers"], run)
-    others = [u for u in scorers if u != "layers"]
-    if others:
-        scores = scores.merge(run(others, removed))
-    scores.meta["layer_steps"] = history
-    plan = select(scores, targets, layers=removed, scorers=scorers)
-    plan.meta["layer_steps"] = history
-    return plan, scores
-
-
-def _layers_in_steps(model, targets: Targets, scorer, run) -> tuple[list[int], list, Scores]:
-    """SLEB-style layer selection: ``targets.layer_steps`` rounds of score (with the layers
-    chosen so far masked) and select; returns the layers, the per-step history and the last
-    layer scores."""
-    from prunekit.plugins import get_adapter
-
-    k = count_of(targets.layers, len(get_adapter(model).layers(model)))
-    steps = min(targets.layer_steps, k) or 1
-    sizes = [k // steps + (1 if s < k % steps else 0) for s in range(steps)]
-    removed: list[int] = []
-    history = []
-    layer_scores = None
-    for size in sizes:
-        layer_scores = run(["layers"], removed)
-        removed = select_layers(
-            layer_scores, targets, already=removed, count=len(removed) + size, scorer=scorer
-        )
-        history.append(list(removed))
-    return removed, history, layer_scores
-
 
 __all__ = [
     "Targets",
@@ -497,3 +424,7 @@ __all__ = [
     "select",
     "select_layers",
 ]
+
+# plan_for (score what the targets need, then select) lives in core/planning.py, imported
+# last so that `from prunekit.core.select import plan_for` keeps working
+from prunekit.core.planning import plan_for  # noqa: E402

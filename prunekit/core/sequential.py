@@ -39,6 +39,8 @@ def check_sequential(recipe: Recipe, plugins: Any, model_dir: Any) -> None:
         problems.append("targets.layer_steps > 1 re-scores with layers masked in the model")
     if recipe.iterative > 1:
         problems.append("iterative > 1 re-scores the pruned model")
+    if recipe.placement.device_map is not None:
+        problems.append("placement.device_map: layers are loaded one at a time onto one device")
     for name, section in (("recovery", plugins.recovery), ("heal", plugins.healer)):
         if section is not None:
             problems.append(f"{name} trains or fits the model in memory")
