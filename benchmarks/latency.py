@@ -1,7 +1,7 @@
 """Dense vs pruned latency of two real model directories, measured side by side in one run.
 
     python benchmarks/latency.py PRUNED_DIR [--dense DIR] [--rounds 5] [--prompt-len 128]
-                                 [--new-tokens 32] [--best-of 1] [--threads N]
+                                 [--new-tokens 32] [--best-of 1] [--threads N] [--clock wall]
 
 The same routine as the report's speed rows (:func:`prunekit.core.speed_compare.
 compare_latency`, settings defaulting to the recipe's): both models loaded into one process,
@@ -9,9 +9,10 @@ the CPU thread count fixed, a warm-up run each, then ``--rounds`` interleaved ro
 pruned / pruned, dense / ...), each a prefill of ``--prompt-len`` random tokens and
 ``--new-tokens`` greedy steps with the KV cache. It prints every round, then the report's rows:
 median tokens/s with min-max over the rounds, and the speedup (median of per-round ratios, its
-sign-test interval, "not significant" when that includes 1.0 or is within 5% of it) beside the
-analytic FLOP ratio. ``--dense`` defaults to the embedded SmolLM2-135M (the model ``make
-demo`` compresses), so after ``make demo``::
+min-max; "not significant" unless every round agrees on which model is faster and the median
+is 5% or more from 1) beside the analytic FLOP ratio. ``--clock cpu`` times this process's CPU
+time, which other work on a shared machine does not inflate. ``--dense`` defaults to the
+embedded SmolLM2-135M (the model ``make demo`` compresses), so after ``make demo``::
 
     python benchmarks/latency.py demo-out
 """
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--best-of", type=int, default=1, help="runs per model per round")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's count")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time"
+    )
     args = parser.parse_args(argv)
 
     from prunekit import load_model
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         best_of=args.best_of,
         threads=args.threads,
+        clock=args.clock,
     )
     dense_dir = args.dense or str(default_model_dir())
     dense, _ = load_model(dense_dir)

@@ -6,8 +6,9 @@ Timing each model once, minutes apart, is biased: the model measured first is co
 slow (warm-up, allocator, thread pool), so a 1.2x FLOP cut showed as a 3.6x-7.8x "speedup".
 Here every model is warmed up, then the models run in interleaved rounds with the order
 reversed every other round, with the CPU thread count fixed; each figure is a median with its
-min..max over the rounds, and a speedup is the median of per-round ratios with a
-distribution-free interval and a ``significant`` flag (:func:`speedup`).
+min..max over the rounds, and a speedup is the median of per-round ratios with their min..max
+and a ``significant`` flag (:func:`speedup`). ``clock="cpu"`` times this process's CPU time
+instead of wall time, for a machine shared with other work.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import math
 import random
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 from prunekit.core.quality import eval_mode, is_causal, model_device, vocab_size
 from prunekit.core.speed import _timed_run, peak_memory, weights_memory_mb
 
-__all__ = ["LatencySettings", "compare_latency", "median_interval", "speedup"]
+__all__ = ["MIN_ROUNDS", "LatencySettings", "compare_latency", "speedup"]
 
 
 # ---- side by side ---------------------------------------------------------------------------
@@ -42,8 +43,7 @@ class LatencySettings:
     rounds: int = field(
         default=5,
         metadata={
-            "help": "interleaved rounds, one run of every model each (>= 5 to claim a "
-            "speedup at confidence 0.9)"
+            "help": "interleaved rounds, one run of every model each (>= 5 to claim a speedup)"
         },
     )
     best_of: int = field(
@@ -61,14 +61,19 @@ class LatencySettings:
             "random (shuffled each round, from seed)"
         },
     )
+    clock: str = field(
+        default="wall",
+        metadata={
+            "help": "wall: elapsed time (what a user waits); cpu: this process's CPU time, "
+            "which other processes on a shared machine do not inflate (CPU models only; with "
+            "several threads it sums them, so it compares models rather than quoting speed)"
+        },
+    )
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads while timing (None: the current count)"}
     )
     memory: bool = field(
         default=False, metadata={"help": "also measure each model's peak memory (one run)"}
-    )
-    confidence: float = field(
-        default=0.9, metadata={"help": "coverage of the speedup's interval (0 < c < 1)"}
     )
     min_effect: float = field(
         default=0.05,
@@ -87,12 +92,12 @@ class LatencySettings:
         ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {self.clock!r}")
         if self.order not in ("alternate", "random"):
             raise ValueError(f"order must be 'alternate' or 'random', got {self.order!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.min_effect < 0:
             raise ValueError(f"min_effect must be >= 0, got {self.min_effect}")
 
@@ -100,52 +105,30 @@ class LatencySettings:
         return dataclasses.asdict(self)
 
 
-def median_interval(values: Sequence[float], confidence: float = 0.9) -> tuple[float, float, float]:
-    """A distribution-free confidence interval of the median of ``values`` (the sign test's):
-    the order statistics ``(x_(k), x_(n+1-k))`` with the largest ``k`` whose coverage
-    ``1 - 2 P(Bin(n, 1/2) < k)`` is at least ``confidence``. Returns ``(low, high, coverage)``.
-    For 5 to 8 values at 0.9 that is the min..max (coverage 0.94 for 5); with too few values
-    for ``confidence`` (4 or fewer at 0.9) it is the min..max with its own, lower coverage."""
-    xs = sorted(values)
-    n = len(xs)
-    if n == 0:
-        raise ValueError("median_interval needs at least one value")
-
-    def coverage(k: int) -> float:
-        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
-        k += 1
-    return xs[k - 1], xs[n - k], coverage(k)
+#: the fewest rounds whose unanimous verdict is unlikely by chance (2^(1-5) = 6%)
+MIN_ROUNDS = 5
 
 
 def speedup(base: Sequence[float], other: Sequence[float], settings: LatencySettings) -> dict:
     """The speedup of ``other`` over ``base`` from per-round throughputs (tokens/s) measured
-    in the same rounds: each round's ratio ``other / base``, their median, and the
-    :func:`median_interval` of the ratios at ``settings.confidence`` as ``low``/``high``.
+    in the same rounds: each round's ratio ``other / base``, their median, and their min..max
+    as ``low``/``high``.
 
-    ``significant`` is true when (1) there are enough rounds for that confidence (5 at 0.9),
-    (2) the interval excludes 1.0 (every round but the few the interval trims agrees on which
-    model is faster: a two-sided sign test at ``1 - confidence``) and (3) the median is at
-    least ``settings.min_effect`` away from 1 (``max(m, 1/m) - 1 >= min_effect``), so that
-    a consistent 1-2% drift of a shared machine is not reported as a speedup."""
+    ``significant`` is true when (1) there are at least :data:`MIN_ROUNDS` rounds, (2) every
+    round agrees on which model is faster (``low > 1`` or ``high < 1``; with no real
+    difference and independent rounds that happens with probability ``2^(1-n)``: 6% for 5
+    rounds, 0.4% for 9 -- the two-sided sign test) and (3) the median is at least
+    ``settings.min_effect`` away from 1 (``max(m, 1/m) - 1 >= min_effect``), so that a
+    consistent 1-2% drift of a shared machine is not reported as a speedup. Otherwise the
+    report says "not significant"."""
     ratios = [o / b for b, o in zip(base, other, strict=True)]
-    low, high, coverage = median_interval(ratios, settings.confidence)
-    med = statistics.median(ratios)
+    low, high, med = min(ratios), max(ratios), statistics.median(ratios)
     significant = (
-        coverage >= settings.confidence
+        len(ratios) >= MIN_ROUNDS
         and (low > 1.0 or high < 1.0)
         and max(med, 1 / med) - 1 >= settings.min_effect
     )
-    return {
-        "median": med,
-        "low": low,
-        "high": high,
-        "coverage": coverage,
-        "significant": significant,
-        "rounds": ratios,
-    }
+    return {"median": med, "low": low, "high": high, "significant": significant, "rounds": ratios}
 
 
 def _round_orders(names: list[str], settings: LatencySettings) -> list[list[str]]:
@@ -168,7 +151,11 @@ def _prepare(models: Mapping[str, nn.Module], s: LatencySettings):
     for name, model in models.items():
         try:
             device, causal = model_device(model), is_causal(model)
-            run_once = _timed_run(model, ids.to(device), s.new_tokens if causal else 0, causal)
+            if s.clock == "cpu" and device.type != "cpu":
+                raise ValueError(f"clock 'cpu' times CPU work only; this model is on {device}")
+            clock = time.process_time if s.clock == "cpu" else time.perf_counter
+            new_tokens = s.new_tokens if causal else 0
+            run_once = _timed_run(model, ids.to(device), new_tokens, causal, clock)
             for _ in range(s.warmup):
                 run_once()
             mem = peak_memory(run_once, device) if s.memory else None
@@ -291,7 +278,7 @@ def compare_latency(
             **s.to_dict(),
             "threads": threads,
             "spread": "min-max over rounds",
-            "interval": f"sign-test interval of the median per-round ratio (>= {s.confidence})",
+            "speedup_spread": "min-max of the per-round ratios",
         },
     }
     base = result["models"].get(baseline)

@@ -80,15 +80,16 @@ def speed_notes(metrics: dict[str, dict[str, Any]]) -> list[str]:
     )
     if settings is not None:
         s = settings
+        clock = "CPU time" if s.get("clock") == "cpu" else "wall time"
         notes.insert(
             0,
             f"- Speed: {s['rounds']} interleaved rounds after {s['warmup']} warm-up run(s) per "
-            f"model (order reversed every other round, {s['threads']} CPU threads), batch "
-            f"{s['batch_size']} x {s['prompt_len']} prompt tokens + {s['new_tokens']} new; "
-            f"tokens/s as median (min–max over rounds); speedup = median of the per-round "
-            f"ratios (interval: the sign test's for the median, >= {s['confidence']:.0%}); "
-            f"{NOT_SIGNIFICANT} when that interval includes 1.0, there are too few rounds, or "
-            f"the median is within {s['min_effect']:.0%} of 1.",
+            f"model (order reversed every other round, {s['threads']} CPU threads, {clock}), "
+            f"batch {s['batch_size']} x {s['prompt_len']} prompt tokens + {s['new_tokens']} "
+            f"new; tokens/s as median (min–max over rounds); speedup = median (min–max) of "
+            f"the per-round ratios; {NOT_SIGNIFICANT} unless every round agrees on which model "
+            f"is faster (at least 5 rounds) and the median is {s['min_effect']:.0%} or more "
+            f"away from 1.",
         )
     return [*notes, ""] if notes else []
 
