@@ -296,3 +296,29 @@ def test_cli_apply_streams_a_directory_and_info_reads_headers(tmp_path, capsys, 
     assert main(bad) == 2
     assert "dtype" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_adapter_with_its_own_slicing_gets_whole_tensors(tmp_path, monkeypatch):
+    """An adapter that overrides slice_projection (e.g. a Conv1D [in, out] layout) has its
+    projections read whole and cut by its own method; the result is still the in-memory one."""
+    from prunekit.core import streaming
+    from prunekit.plugins import get_adapter
+
+    src = _checkpoint(tmp_path)
+    adapter_cls = type(get_adapter(tiny_model("llama")))
+    calls = []
+
+    class OwnSlicing(adapter_cls):
+        def slice_projection(self, module, keep, dim):
+            calls.append(dim)
+            return super().slice_projection(module, keep, dim)
+
+    def no_partial_read(*a, **k):
+        raise AssertionError("read only the kept part for an adapter with its own slicing")
+
+    monkeypatch.setattr(streaming, "read_selected", no_partial_read)
+    monkeypatch.setattr(streaming, "get_adapter", lambda model: OwnSlicing())
+    streamed = stream_apply(src, PER_LAYER, tmp_path / "streamed")
+    assert calls  # the adapter's own method cut the real tensors
+    monkeypatch.undo()
+    _assert_same(streamed, _in_memory(src, PER_LAYER, tmp_path / "memory", torch.float32))

@@ -146,11 +146,10 @@ class _Slicer:
 
     def _linear_layout(self, module: nn.Module, names: list[str]) -> bool:
         """Whether the adapter slices this projection as ``nn.Linear`` (weight ``[out, in]``,
-        bias on the output side), so that only the kept rows/columns need to be read."""
-        from prunekit.adapters.base import Adapter
-
-        base = type(self.adapter).slice_projection is Adapter.slice_projection
-        return base and set(names) <= {"weight", "bias"} and module.weight.dim() == 2
+        bias on the output side), so that only the kept rows/columns need to be read: no
+        adapter class overrides the base ``slice_projection`` (which is ``slice_linear``)."""
+        owners = [c for c in type(self.adapter).__mro__ if "slice_projection" in vars(c)]
+        return len(owners) == 1 and set(names) <= {"weight", "bias"} and module.weight.dim() == 2
 
     def _read_cut(self, m_name: str, names: list[str], cut: tuple[Any, str], tensors) -> None:
         """Read the kept part of an ``nn.Linear``-layout projection into ``pending``: what
