@@ -182,10 +182,11 @@ def test_decilm_export_of_per_layer_widths_matches_reference(tmp_path):
     assert config["num_key_value_heads"] is None and config["intermediate_size"] is None
     assert config["torch_dtype"] == config["dtype"] == "float32"  # 4.x and 5.x readers
     assert VLLM_DECILM in loadable_by(src)
-    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM]
+    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
     sidecar = json.loads((tmp_path / "deci" / "prunekit.json").read_text())
     assert (
-        sidecar["loadable_by"] == [VLLM_NATIVE_DECILM] and sidecar["export"]["format"] == "decilm"
+        sidecar["loadable_by"] == [VLLM_NATIVE_DECILM, REMOTE_CODE]
+        and sidecar["export"]["format"] == "decilm"
     )
 
 
@@ -249,6 +250,33 @@ def test_decilm_export_from_a_model_object(tmp_path):
     torch.testing.assert_close(
         DeciLMReference(tmp_path / "deci").logits(ids), logits(model, ids), atol=1e-5, rtol=1e-5
     )
+
+
+def test_decilm_exports_load_with_remote_code_without_prunekit(tmp_path):
+    """transformers builds an export with trust_remote_code (modeling_decilm: block_configs as
+    per_layer_config) in a process without prunekit: the prunekit model's and the reference's
+    logits, cached generation equal to uncached; per-layer widths, ffn_mult widths with
+    per-layer KV grouping (a --serve decilm plan) and attention/MLP no-ops."""
+    from prunekit.core.select import Targets, select
+
+    ids = ids_for_test()
+    models = {
+        "widths": apply_plan(tiny_model("llama"), PrunePlan(neurons={0: [1, 2]}, layers=[3])),
+        "subblocks": apply_plan(tiny_model("llama", seed=1), PrunePlan(attention=[1], mlp=[2])),
+    }
+    served = _ffn_mult_llama()
+    targets = Targets(mode="per_layer", heads=20, neurons=0.3, serve="decilm")
+    models["served"] = apply_plan(served, select(_serve_scores(served), targets))
+    paths = []
+    for name, model in models.items():
+        paths.append(export_decilm(model, tmp_path / name))
+    stdout = _load_in_clean_process(paths, tmp_path, ids)
+    assert stdout.count("DeciLMForCausalLM") == len(paths)
+    for path, model in zip(paths, models.values(), strict=True):
+        got = torch.load(path / "remote_logits.pt")
+        torch.testing.assert_close(got, logits(model, ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, DeciLMReference(path).logits(ids), atol=1e-5, rtol=1e-5)
+        assert (path / "modeling_decilm.py").is_file()
 
 
 def test_decilm_refuses_non_uniform_query_heads(tmp_path):
@@ -430,4 +458,4 @@ def test_cli_and_report_state_the_runtimes(flags, runtimes, tmp_path):
     assert heads == {6}  # 2 of 8 query heads from every layer, protected ones too
     exported = cli("export", out, "--format", "decilm", "-o", tmp_path / "deci")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM]
+    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]

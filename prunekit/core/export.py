@@ -30,6 +30,13 @@ _ATTENTION_DEFAULTS = {
 }
 _FFN_DEFAULTS = {"replace_with_linear": False, "sparsify": None}
 _OWN_FILES = ("config.json", "configuration_prunekit.py", "modeling_prunekit.py")
+#: the trust_remote_code module of an export (DeciLM config and model classes for transformers)
+_REMOTE_CODE = (
+    "configuration_decilm.py",
+    "modeling_decilm.py",
+    "configuration_prunekit.py",
+    "modeling_prunekit.py",
+)
 
 
 def ffn_mult_width(ffn_mult: float, hidden_size: int) -> int:
@@ -132,7 +139,11 @@ def decilm_config(config: dict[str, Any], *, ffn_mult: bool = True) -> dict[str,
     out.update(
         architectures=["DeciLMForCausalLM"],
         model_type="nemotron-nas",
-        auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"},
+        auto_map={
+            "AutoConfig": "configuration_decilm.DeciLMConfig",
+            "AutoModel": "modeling_decilm.DeciLMModel",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+        },
         num_attention_heads=n_heads,
         num_key_value_heads=None,
         intermediate_size=None,
@@ -176,9 +187,8 @@ def export_decilm(
             for f in src.iterdir():
                 if f.is_file() and f.name not in _OWN_FILES:
                     shutil.copy2(f, tmp / f.name)
-            shutil.copyfile(
-                REMOTE_CODE_DIR / "configuration_decilm.py", tmp / "configuration_decilm.py"
-            )
+            for name in _REMOTE_CODE:
+                shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             sidecar = tmp / "prunekit.json"
             if sidecar.exists():

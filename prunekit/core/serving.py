@@ -92,8 +92,8 @@ def loadable_by(output_dir_or_config: Any) -> list[str]:
 
     config = _config_dict(output_dir_or_config)
     model_type = config.get("model_type")
-    if config.get("block_configs") is not None:  # a DeciLM / Nemotron-NAS export: only its
-        return [VLLM_NATIVE_DECILM]  # config ships as remote code (docs/save-format.md)
+    if config.get("block_configs") is not None:  # a DeciLM / Nemotron-NAS export
+        return [VLLM_NATIVE_DECILM, REMOTE_CODE]
     if not config.get("per_layer_config"):
         runtimes = [STOCK]
         if model_type in _VLLM_MODEL_TYPES:
