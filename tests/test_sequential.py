@@ -47,9 +47,11 @@ def model_dir(tmp_path):
     return _model_dir(tmp_path, torch.bfloat16)
 
 
-def test_sequential_compress_equals_in_memory(tmp_path):
-    """fp32, so that the sequential capture (which computes in fp32) sees the same numbers."""
-    model_dir = _model_dir(tmp_path, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sequential_compress_equals_in_memory(tmp_path, dtype):
+    """Both paths compute in the checkpoint's dtype (statistics in fp32): same plan, same
+    tensors."""
+    model_dir = _model_dir(tmp_path, dtype)
     seq = prunekit.compress(model_dir, _recipe(sequential=True), tmp_path / "seq", progress=False)
     mem = prunekit.compress(model_dir, _recipe(), tmp_path / "mem", progress=False)
     assert [p.to_dict() for p in seq.plans] == [p.to_dict() for p in mem.plans]

@@ -124,9 +124,9 @@ def return_freed_memory_to_os() -> None:
     32 MiB) from the heap and keeps freed heap memory, so reading and dropping tensors or layers
     one after another ratchets the resident set up: on a 1.1B model the peak RSS of sequential
     scoring was 0.69x the fp32 weights with the default and 0.27x with a fixed 1 MiB mmap/trim
-    threshold (``benchmarks/scoring.py``); streaming apply's peak fell from 0.40x to 0.25x of
-    the bf16 weights (``benchmarks/memory.py``). Process-wide, as malloc settings are; a no-op
-    off glibc.
+    threshold (``benchmarks/scoring.py``), and streaming apply's peak on the 1.1B bf16 model of
+    ``benchmarks/memory.py`` fell from 812 to 533 MB. Process-wide, as malloc settings are; a
+    no-op off glibc.
     """
     try:
         import ctypes
