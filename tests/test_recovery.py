@@ -180,15 +180,34 @@ def test_budget_lr_factor_formula():
     assert budget_lr_factor(0.0, 0.0) == 1.0  # no warm-up: peak at once
 
 
-def test_time_budget_run_peaks_early_and_records_throughput():
+def test_time_budget_run_peaks_early_and_records_throughput(monkeypatch):
+    """A real run on a fake clock (a shared machine's speed must not decide the test): each
+    training step costs 20 ms, each held-out evaluation 30 ms of a 3 s budget."""
+    from prunekit.core import recovery_loop
+
+    now = [0.0]
+    monkeypatch.setattr(recovery_loop, "clock", lambda: now[0])
+    real_accumulate, real_evaluate = recovery_loop.Run.accumulate, recovery_loop.Run.evaluate
+
+    def accumulate(self, stream):
+        now[0] += 0.02
+        return real_accumulate(self, stream)
+
+    def evaluate(self, rows):
+        now[0] += 0.03
+        return real_evaluate(self, rows)
+
+    monkeypatch.setattr(recovery_loop.Run, "accumulate", accumulate)
+    monkeypatch.setattr(recovery_loop.Run, "evaluate", evaluate)
     _, model = pruned()
     config = RecoveryConfig(
-        steps=None, minutes=0.05, lr=1e-3, **{**FAST, "warmup_steps": None, "eval_every": 1000}
+        steps=None, minutes=0.05, lr=1e-3, **{**FAST, "warmup_steps": None, "eval_every": 50}
     )
     result = recover(model, TEXT, config, progress=False)
     assert result.stop_reason == "time" and result.budget == "time"
     rows = result.history[1:]
-    assert len(rows) >= 20, "too few steps in 3 s to see a schedule"
+    assert 140 <= len(rows) <= 147  # (3 s - 3 or 4 evaluations) / 20 ms
+    assert rows[0]["lr"] == pytest.approx(config.lr * (0.05 / 3) / 0.05)  # warming up
     lrs = [h["lr"] for h in rows]
     peak = max(range(len(rows)), key=lrs.__getitem__)
     # the LR of each update is computed from the elapsed time, which the row records
