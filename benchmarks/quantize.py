@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-chars", type=int, default=100_000)
     p.add_argument("--context-len", type=int, default=2048)
     p.add_argument(
-        "--group-size", type=int, default=64,
-        help="awq/gptq group size (SmolLM2's hidden 576 = 9 x 64 is not a multiple of 128)",
+        "--group-size", type=int, default=None,
+        help="awq/gptq group size; default: fitted as compress does (SmolLM2's hidden 576 = "
+        "9 x 64 is not a multiple of 128, so 64)",
     )  # fmt: skip
     p.add_argument(
         "--quantized-only", action="store_true",
@@ -62,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from prunekit import PrunePlan, Targets, apply_plan, load_pretrained, plan_for, save_pretrained
     from prunekit.core.calibration import load_calibration
     from prunekit.core.data import wikitext2_test_path
-    from prunekit.core.evaluate import perplexity
+    from prunekit.core.evaluate import evaluate
     from prunekit.core.models import default_model_dir
-    from prunekit.core.quantize import QUANTIZATION_INFO_ATTR
+    from prunekit.core.quantize import QUANTIZATION_INFO_ATTR, group_size_fit
     from prunekit.core.recovery import RecoveryConfig, recover
     from prunekit.quantizers import (
         get_quantizer,
@@ -78,25 +79,33 @@ def main(argv: list[str] | None = None) -> int:
     dense, tok = load_pretrained(default_model_dir())
     calib = load_calibration(None, tok, n_samples=args.calib_samples, seq_len=args.seq_len)
 
-    def ppl(model) -> float:
-        r = perplexity(
+    def metrics(model) -> dict:
+        # the evaluation `prunekit compress` runs on each stage (latency left out)
+        return evaluate(
             model,
             tok,
-            wikitext2_test_path(),
+            text=wikitext2_test_path(),
             context_len=args.context_len,
             max_chars=args.eval_chars,
+            measure_latency=False,
             progress=False,
         )
-        return r["perplexity"]
 
     rows: list[dict] = []
 
     def row(name: str, model, directory: Path, seconds: float | None = None) -> None:
+        m = metrics(model)
         rows.append(
-            {"model": name, "ppl": ppl(model), "disk_mb": weights_mb(directory), "s": seconds}
-        )
+            {"model": name, "ppl": m["perplexity"]["perplexity"], "params": m["params"],
+             "gflops": m["flops_per_token"] / 1e9, "disk_mb": weights_mb(directory),
+             "s": seconds}
+        )  # fmt: skip
         r = rows[-1]
-        print(f"{name}: perplexity {r['ppl']:.2f}, weights {r['disk_mb']:.1f} MB", flush=True)
+        print(
+            f"{name}: perplexity {r['ppl']:.2f}, {r['params'] / 1e6:.2f} M params, "
+            f"{r['gflops']:.3f} GFLOPs/token, weights {r['disk_mb']:.1f} MB",
+            flush=True,
+        )
 
     reference = not (args.quantized_only and args.recovered is not None)
     if reference:
@@ -152,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "awq":
             config = dataclasses.replace(config, backend=args.awq_backend)
+        # the engine `compress --quantize` runs: group size fitted (or checked), then quantized
+        config, fit = group_size_fit(recovered, quantizer, config)
+        if fit is not None:
+            print(f"{name}: {fit.note}", flush=True)
         q = quantize(copy.deepcopy(recovered), tok, quantizer, config, calib_ids=calib)
         seconds = time.perf_counter() - t
         info = q.__dict__.get(QUANTIZATION_INFO_ATTR, {})
@@ -170,11 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.context_len}-token windows; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print("| model | WikiText-2 ppl | weights on disk (MB) | quantize time (s) |")
-    print("|---|---|---|---|")
+    print(
+        "| model | WikiText-2 ppl | params (M) | GFLOPs/token | weights on disk (MB) "
+        "| quantize time (s) |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in rows:
         s = f"{r['s']:.0f}" if r["s"] is not None else ""
-        print(f"| {r['model']} | {r['ppl']:.2f} | {r['disk_mb']:.1f} | {s} |")
+        print(
+            f"| {r['model']} | {r['ppl']:.2f} | {r['params'] / 1e6:.2f} | {r['gflops']:.3f} "
+            f"| {r['disk_mb']:.1f} | {s} |"
+        )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; files in {work}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,26 @@
 """How much a model computes: parameter count and analytic FLOPs per token from the
-per-layer shapes."""
+per-layer shapes. Both work on quantized models too: shapes and parameter counts of packed
+linears come from ``in_features``/``out_features``, never from a ``.weight`` they lack."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["flops_breakdown", "flops_per_token", "param_count"]
+__all__ = ["flops_breakdown", "flops_per_token", "packed_linear_params", "param_count"]
 
 
 # ---- size ---------------------------------------------------------------------------------
 def param_count(model: nn.Module, *, embeddings: bool = True) -> int:
     """Number of parameters (tied tensors counted once). ``embeddings=False`` leaves out the
-    input embedding and a separate (untied) output embedding."""
+    input embedding and a separate (untied) output embedding.
+
+    A quantized linear that keeps its weights packed in buffers (GPTQ/AWQ ``qweight``, no
+    ``weight``) counts ``in_features x out_features`` (+ its bias), the parameters it stands
+    for, so a quantized model has the parameter count of the model it was quantized from
+    (its size shows on disk and in memory, not here)."""
     total = sum(p.numel() for p in model.parameters())
+    total += sum(packed_linear_params(m) for m in model.modules())
     if not embeddings:
         seen: set[int] = set()
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -20,6 +28,19 @@ def param_count(model: nn.Module, *, embeddings: bool = True) -> int:
                 seen.add(id(module.weight))
                 total -= module.weight.numel()
     return total
+
+
+def packed_linear_params(module: nn.Module) -> int:
+    """The parameters a quantized linear holds packed in buffers (0 for any other module):
+    it has integer ``in_features``/``out_features``, no ``weight`` tensor and buffers of its
+    own (``qweight``, ``scales``...). Read from the features, never from ``.weight``."""
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        return 0
+    n_in, n_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if not (isinstance(n_in, int) and isinstance(n_out, int)) or not module._buffers:
+        return 0
+    bias = module._buffers.get("bias")
+    return n_in * n_out + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
 
 
 def flops_breakdown(model: nn.Module, seq_len: int = 2048) -> dict[str, float]:

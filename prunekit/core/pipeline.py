@@ -130,7 +130,11 @@ def preflight(recipe: Recipe, model: Any = None, *, gguf_file: str | None = None
         seq_lens = {"calibration.seq_len": recipe.calibration.seq_len}
         if plugins.recovery_config is not None:
             seq_lens["recovery.seq_len"] = getattr(plugins.recovery_config, "seq_len", None)
-        check_model_input(model, targets=t, scorers=scorers, seq_lens=seq_lens, gguf_file=gguf_file)
+        quantize = (plugins.quantizer, plugins.quantize_config)
+        check_model_input(
+            model, targets=t, scorers=scorers, seq_lens=seq_lens, gguf_file=gguf_file,
+            quantize=quantize,
+        )  # fmt: skip
     check_source(recipe.calibration.source, "calibration")
     check_source(recipe.evaluation.text, "evaluation")
     return plugins
@@ -344,9 +348,10 @@ def _quantize(run: _Run) -> nn.Module | None:
     quantizer = run.plugins.quantizer
     if quantizer is None:
         return None
-    from prunekit.core.quantize import quantize
+    from prunekit.core.quantize import group_size_fit, quantize
 
-    run.say(f"quantizing with {quantizer.name}")
+    fit = group_size_fit(run.model, quantizer, run.plugins.quantize_config)[1]
+    run.say(f"quantizing with {quantizer.name}" + (f" ({fit.note})" if fit else ""))
     with run.timer("quantize"):
         return quantize(
             run.model,

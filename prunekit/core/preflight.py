@@ -4,9 +4,10 @@ minutes, for an error that the config, the recipe and the installed packages alr
 :func:`check_model_input` is the one entry the ``compress`` pipeline and the ``score`` /
 ``eval`` commands call. From ``config.json`` alone (headers only, no tensor) it refuses a
 missing or unsupported model, a quantized checkpoint (``quantization_config``), a sequence
-length beyond the model's positions, and targets that the model's layer/head/neuron counts
+length beyond the model's positions, targets that the model's layer/head/neuron counts
 and protections cannot meet (the selection itself runs on placeholder scores, so every rule
-it enforces fails here the same way it would after scoring).
+it enforces fails here the same way it would after scoring), and a quantizer group size that
+does not divide the widths the plan leaves.
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ def check_model_input(
     seq_lens: Mapping[str, int | None] | None = None,
     gguf_file: str | None = None,
     quantized_ok: bool = False,
+    quantize: tuple[Any, Any] | None = None,
 ) -> Any:
     """Check a model input against what will be asked of it, from its config alone: the
     architecture has an adapter, the checkpoint is not quantized, ``seq_lens`` fit its
     positions and ``targets`` (with their resolved ``scorers``) can be met by its layer, head
     and neuron counts. Returns the per-layer shapes, or None when the config is only known
     after loading (a GGUF file, a hub id). ``quantized_ok``: a quantized checkpoint is fine
-    (evaluation)."""
+    (evaluation). ``quantize``: ``(quantizer, config)`` whose group size must fit the widths
+    the targets leave (:func:`prunekit.core.quant_groups.check_planned`)."""
+    from prunekit.core.quant_groups import check_planned, shapes_after
     from prunekit.core.select import check_targets
     from prunekit.core.targets import UNITS
     from prunekit.plugins import get_adapter
@@ -97,8 +101,11 @@ def check_model_input(
     adapter = get_adapter(config)  # an unsupported architecture fails here
     check_seq_len(config, seq_lens or {})
     shapes = adapter.config_shapes(config)
+    planned = shapes
     if targets is not None and any(getattr(targets, unit) for unit in UNITS):
-        check_targets(shapes, targets, scorers)
+        planned = shapes_after(shapes, check_targets(shapes, targets, scorers))
+    if quantize is not None and quantize[0] is not None:
+        check_planned(*quantize, config, planned)  # GroupSizeError says what to pass
     return shapes
 
 

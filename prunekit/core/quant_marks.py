@@ -1,5 +1,6 @@
 """Whether a model is quantized: the one check, read by surgery (packed weights cannot be
-sliced), the pipeline (compress an unquantized model) and the quantization engine.
+sliced), the pipeline (compress an unquantized model) and the quantization engine; and the
+engine's error class, shared with :mod:`prunekit.core.quant_groups`.
 
 It lives in a module of its own, below :mod:`prunekit.core.surgery` and
 :mod:`prunekit.core.quantize`, because surgery needs the check and the engine needs surgery.
@@ -10,10 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
+
 #: where the quantization engine keeps a backend's saved output directory on the model
 QUANTIZED_DIR_ATTR = "_prunekit_quantized_dir"
 #: where it keeps what the quantizer did (method, backend, config) for the sidecar
 QUANTIZATION_INFO_ATTR = "_prunekit_quantization"
+
+
+class QuantizationError(PrunekitError, ValueError):
+    """A model cannot be quantized as asked (already quantized, per-layer shapes, bad data, a
+    group size that does not divide its widths)."""
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -30,4 +38,4 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
 
 
-__all__ = ["QUANTIZATION_INFO_ATTR", "QUANTIZED_DIR_ATTR", "is_quantized"]
+__all__ = ["QUANTIZATION_INFO_ATTR", "QUANTIZED_DIR_ATTR", "QuantizationError", "is_quantized"]

@@ -14,7 +14,12 @@ A quantizer (registered through ``register_quantizers``) implements the plugin c
   ``transformers.AutoModelForCausalLM.from_pretrained`` reloads;
 - optionally ``options_from_flags(bits, group_size, scheme) -> dict``: how the CLI's
   ``--quant-bits`` / ``--quant-group-size`` / ``--quant-scheme`` map onto its options
-  (without it, each flag sets the config field of the same name).
+  (without it, each flag sets the config field of the same name);
+- optionally ``uses_group_size(config) -> bool``: whether a config with a ``group_size``
+  field quantizes in groups (default True; torchao: ``int4_grouped`` only). The engine fits
+  ``group_size`` to the model before ``quantize`` is called (None: the largest of 128, 64, 32
+  dividing every quantized input width; an explicit size must divide them,
+  :mod:`prunekit.core.quant_groups`), so ``quantize`` always sees an integer.
 
 A name is resolved to the quantizer object once, at the edge (:func:`get_quantizer`); the
 engine takes the object::
@@ -48,9 +53,21 @@ from torch import nn
 from prunekit.contracts import build_config, option_fields
 from prunekit.core.calibration import load_calibration
 from prunekit.core.io import AtomicDir, build_sidecar, weights_size_mb, write_sidecar
-from prunekit.core.quant_marks import QUANTIZATION_INFO_ATTR, QUANTIZED_DIR_ATTR, is_quantized
+from prunekit.core.quant_groups import (
+    GroupSizeError,
+    GroupSizeFit,
+    fit_config,
+    fit_group_size,
+    model_widths,
+)
+from prunekit.core.quant_marks import (
+    QUANTIZATION_INFO_ATTR,
+    QUANTIZED_DIR_ATTR,
+    QuantizationError,
+    is_quantized,
+)
 from prunekit.core.surgery import PLANS_ATTR, applied_plans
-from prunekit.errors import PluginUnavailableError, PrunekitError
+from prunekit.errors import PluginUnavailableError
 from prunekit.plugins import get_adapter, get_plugins
 from prunekit.versions import versions
 
@@ -81,10 +98,6 @@ class QuantizerUnavailableError(PluginUnavailableError, ImportError):
         self.quantizer = quantizer
         self.reason = reason
         super().__init__("quantizer", quantizer, reason)
-
-
-class QuantizationError(PrunekitError, ValueError):
-    """A model cannot be quantized as asked (already quantized, per-layer shapes, bad data)."""
 
 
 # ---- the contract ------------------------------------------------------------------------
@@ -175,20 +188,13 @@ def check_quantizable(model: nn.Module) -> None:
         raise QuantizationError("the model has parameters on the meta device; load its weights")
 
 
-def check_divisible(model: nn.Module, group_size: int) -> None:
-    """Every Linear in the decoder layers must have an input width that is a multiple of
-    ``group_size`` (``-1``: one group per output channel, always fine)."""
-    if group_size == -1:
-        return
-    for i, layer in enumerate(get_adapter(model).layers(model)):
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and module.in_features % group_size:
-                raise QuantizationError(
-                    f"layer {i} {name} has {module.in_features} input features, not a multiple "
-                    f"of group_size {group_size}; choose a group size dividing it (e.g. "
-                    f"{module.in_features & -module.in_features}) or prune to multiples of "
-                    f"{group_size}"
-                )
+def check_divisible(model: nn.Module, group_size: int | None) -> int:
+    """The group size to use on ``model``: every Linear in the decoder layers must have an
+    input width that is a multiple of it. ``None`` (the default): the largest of 128, 64, 32
+    that divides them all; ``-1`` (one group per output channel) always fits; an explicit
+    size that does not divide a width is refused naming the width and the size that fits
+    (:func:`prunekit.core.quant_groups.fit_group_size`)."""
+    return fit_group_size(group_size, model_widths(model)).used
 
 
 def missing_modules(*modules: str) -> list[str]:
@@ -230,13 +236,26 @@ def quantize(
     if not ok:
         raise QuantizerUnavailableError(quantizer.name, reason)
     check_quantizable(model)
+    config, fit = group_size_fit(model, quantizer, config)
     plans = applied_plans(model)
     out = quantizer.quantize(model, tokenizer, calib_ids, config)
     setattr(out, PLANS_ATTR, plans)
     info = out.__dict__.setdefault(QUANTIZATION_INFO_ATTR, {})
     info.setdefault("method", quantizer.name)
     info["config"] = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    if fit is not None:
+        info["group_size"] = fit.to_dict()
     return out.eval()
+
+
+def group_size_fit(
+    model: nn.Module, quantizer: Quantizer, config: Any = None
+) -> tuple[Any, GroupSizeFit | None]:
+    """``quantizer``'s ``config`` with the group size that fits ``model`` (see
+    :mod:`prunekit.core.quant_groups`), and the fit (``fit.note`` says what and why; None
+    when the config does not quantize in groups)."""
+    config = build_config(quantizer, config, section=f"{quantizer.name} config")
+    return fit_config(quantizer, config, model_widths(model))
 
 
 def calibration_ids(
@@ -414,6 +433,8 @@ def backend_versions() -> dict[str, str]:
 
 
 __all__ = [
+    "GroupSizeError",
+    "GroupSizeFit",
     "QUANTIZATION_INFO_ATTR",
     "QUANTIZED_DIR_ATTR",
     "QuantizationError",
@@ -424,6 +445,7 @@ __all__ = [
     "check_divisible",
     "check_quantizable",
     "get_quantizer",
+    "group_size_fit",
     "is_quantized",
     "load_quantized_dir",
     "missing_modules",

@@ -43,8 +43,12 @@ class AWQConfig(CalibratedConfig):
     BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "autoawq", "gptqmodel")
 
     bits: int = field(default=4, metadata={"help": "weight bits (AWQ GEMM kernels: 4)"})
-    group_size: int = field(
-        default=128, metadata={"help": "input columns per scale (power of two)"}
+    group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "input columns per scale (power of two); None: the largest of 128, 64, 32 "
+            "dividing every quantized input width (after pruning)"
+        },
     )
     sym: bool = field(
         default=False, metadata={"help": "symmetric grid; False keeps AWQ's zero point"}

@@ -19,13 +19,17 @@ def check_bool(field_name: str, value: Any) -> None:
         raise ValueError(f"{field_name} must be True or False, got {value!r}")
 
 
-def check_group_size(group_size: int, field_name: str = "group_size") -> None:
+def check_group_size(group_size: int | None, field_name: str = "group_size") -> None:
+    """None (fitted to the model, :mod:`prunekit.core.quant_groups`), -1 or a power of two."""
+    if group_size is None:
+        return
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise ValueError(f"{field_name} must be an integer, got {group_size!r}")
     if group_size != -1 and (group_size < 8 or group_size & (group_size - 1)):
         raise ValueError(
-            f"{field_name} must be -1 (one group per output channel) or a power of two >= 8 "
-            f"(32, 64, 128...), got {group_size}"
+            f"{field_name} must be -1 (one group per output channel), a power of two >= 8 "
+            f"(32, 64, 128...) or None (the largest of 128, 64, 32 that fits the model), "
+            f"got {group_size}"
         )
 
 

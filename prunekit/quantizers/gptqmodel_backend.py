@@ -10,7 +10,7 @@ and the GPTQModel settings of its method.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,8 +42,12 @@ class CalibratedConfig:
     BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "gptqmodel")
 
     bits: int = field(default=4, metadata={"help": "weight bits"})
-    group_size: int = field(
-        default=128, metadata={"help": "input columns per scale (power of two), -1: per channel"}
+    group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "input columns per scale (power of two), -1: per channel; None: the "
+            "largest of 128, 64, 32 dividing every quantized input width (after pruning)"
+        },
     )
     sym: bool = field(default=True, metadata={"help": "symmetric grid (no zero point)"})
     n_samples: int = field(default=64, metadata={"help": "calibration windows used (>= 1)"})
@@ -199,7 +203,7 @@ class GPTQModelQuantizer:
         calib_ids: torch.LongTensor | None,
         config: CalibratedConfig,
     ) -> nn.Module:
-        check_divisible(model, config.group_size)
+        config = replace(config, group_size=check_divisible(model, config.group_size))
         vocab = model.get_input_embeddings().num_embeddings
         ids = calibration_ids(tokenizer, calib_ids, config.n_samples, config.seq_len, vocab)
         backend = self.resolve_backend(config.backend)

@@ -21,7 +21,7 @@ Reference: the torchao quantization API (``quantize_`` with ``Int8WeightOnlyConf
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -43,9 +43,12 @@ class TorchAOConfig:
         default="int8_weight_only",
         metadata={"help": f"one of {', '.join(SCHEMES)}"},
     )
-    group_size: int = field(
-        default=128,
-        metadata={"help": "int4_grouped: input columns per scale (power of two, or -1)"},
+    group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "int4_grouped: input columns per scale (power of two, or -1); None: the "
+            "largest of 128, 64, 32 dividing every quantized input width (after pruning)"
+        },
     )
     sym: bool = field(default=True, metadata={"help": "int4_grouped: symmetric (no zero point)"})
     bits: int | None = field(
@@ -118,6 +121,10 @@ class TorchAOQuantizer:
                 options[key] = value
         return options
 
+    def uses_group_size(self, config: TorchAOConfig) -> bool:
+        """Only ``int4_grouped`` quantizes in groups (the int8 schemes are per channel)."""
+        return config.scheme == "int4_grouped"
+
     def available(self) -> tuple[bool, str]:
         missing = missing_modules("torchao")
         if missing:
@@ -142,8 +149,8 @@ class TorchAOQuantizer:
         from transformers import TorchAoConfig
         from transformers.quantizers.auto import AutoHfQuantizer
 
-        if config.scheme == "int4_grouped":
-            check_divisible(model, config.group_size)
+        if self.uses_group_size(config):
+            config = replace(config, group_size=check_divisible(model, config.group_size))
         out = copy.deepcopy(model)
         adapter = get_adapter(out)
         layers = adapter.layers(out)
