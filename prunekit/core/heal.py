@@ -39,12 +39,28 @@ most ``cosine_tokens`` calibration tokens per run is kept and ``cosine_steps`` f
 steps run from the least-squares solution (which is therefore never worse than its start on
 that subsample).
 
-Several runs (a non-contiguous selection) are all fitted on the *dense* model in one pass, as
-ReplaceMe does. A run that starts at layer 0 has no preceding layer to fold into and is
-refused. Post-norm models (BERT: ``L = LayerNorm(h + M)``) are refused too: the normalisation
-after the sum is not linear, so no map folded into the output dense reproduces the block.
+**Refitting down_proj** (``fit="down_proj"``, the default of ``--heal linear``): the same
+place can hold any weight, not only ``TᵀW``. Regressing the target ``Y − h_p`` on the
+*input* of ``down_proj`` (the MLP activations ``a_p``, ``I`` per token, plus a 1 when it has
+a bias) gives the new weight directly::
 
-Selectors that use these statistics: :mod:`prunekit.core.heal_select`.
+    W'ᵀ = argmin ‖ a_p W'ᵀ − (Y − h_p) ‖² + λ ‖W'‖²
+
+Every ReplaceMe map is one such weight (``W' = TᵀW``), so the calibration residual can only
+be lower; the model keeps its shapes and config. On SmolLM2-135M (block 13-18 of 30, 64 × 256
+Brown tokens) it left a relative residual of 0.33 against the map's 0.44 and lowered the loss
+on held-out Brown rows from 4.116 (removed) to 3.881 against the map's 3.910. The Gram matrix
+is ``I × I`` (float64: 19 MB for I = 1536, 1.6 GB for Llama-3-8B's 14336).
+
+By default (``sequential``) several runs are fitted one after another, each on the model whose
+earlier runs are already healed and removed; ``sequential=False`` fits them all on the *dense*
+model in one pass, as ReplaceMe does. A run that starts at layer 0 has no preceding layer to
+fold into and is refused. Post-norm models (BERT: ``L = LayerNorm(h + M)``) are refused too:
+the normalisation after the sum is not linear, so no map folded into the output dense
+reproduces the block.
+
+Selectors that use these statistics: :mod:`prunekit.core.heal_select` and the layer scorers
+``heal_residual`` and ``heal_loss`` (:mod:`prunekit.scorers.heal`).
 """
 
 from __future__ import annotations
@@ -265,10 +281,11 @@ class HealConfig:
         metadata={"help": "fit each run on the model with the earlier runs already healed"},
     )
     fit: str = field(
-        default="map",
+        default="down_proj",
         metadata={
-            "help": "'map' (ReplaceMe: a [hidden, hidden] map folded into down_proj) or "
-            "'down_proj' (refit the whole down_proj weight on its input activations)"
+            "help": "'down_proj' (refit the whole down_proj weight of the layer before the "
+            "run on its input activations) or 'map' (ReplaceMe: a [hidden, hidden] map "
+            "folded into that down_proj)"
         },
     )
 
