@@ -12,8 +12,10 @@ trained on the bundled Brown sample. Then, each in a fresh process whose peak RS
 
 Each peak RSS is divided by the size of the weights on disk (goals: apply <= 0.25, sequential
 compress <= 0.5), as is the peak above the baseline of a process that only imports prunekit,
-torch and the plugins (``prunekit plugins``): on a 1.1B model that fixed cost is a large part of
-the ratio, on an 8B model a small one. Usage::
+torch and the plugins (``prunekit plugins``), and the peak above the runtime every streaming path
+pays before it reads a tensor (those imports, transformers' modeling code, the model built on
+the meta device): on a 1.1B model that fixed cost is most of the ratio, on an 8B model a small
+part. Usage::
 
     python benchmarks/memory.py [--keep DIR] [--calib-samples 16] [--seq-len 128]
 """
@@ -87,6 +89,14 @@ tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
 PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                         bos_token="<s>", eos_token="<s>").save_pretrained(out)
 print(n_params)
+"""
+
+# the fixed cost of the streaming paths: torch, transformers' config and modeling code (which
+# imports torch._dynamo and triton), the plugins, and the model built on the meta device
+SKELETON = r"""
+import sys
+from prunekit.core.io import meta_skeleton
+meta_skeleton(sys.argv[1])
 """
 
 WRAP = r"""
@@ -188,6 +198,9 @@ def main() -> None:
         rows = []
         base = _measure([*prunekit, "plugins"])["peak"]  # interpreter + torch + plugins
         print(f"baseline (prunekit plugins): peak RSS {base / 2**30:.2f} GiB", flush=True)
+        # what every path that reads the config and builds the model on the meta device pays
+        runtime = _measure([sys.executable, "-c", SKELETON, str(model_dir)])["peak"]
+        print(f"runtime (imports + meta skeleton): peak RSS {runtime / 2**30:.2f} GiB", flush=True)
         for name, cmd in runs.items():
             m = _measure(cmd)
             rows.append((name, m["peak"], m["seconds"]))
@@ -199,11 +212,12 @@ def main() -> None:
             f"{len(list(model_dir.glob('*.safetensors')))} shards)"
         )
         print(f"baseline peak RSS of `prunekit plugins`: {base / 2**30:.2f} GiB")
+        print(f"runtime peak RSS (imports + meta skeleton): {runtime / 2**30:.2f} GiB")
         head = f"{'run':28s} {'peak RSS GiB':>12s} {'/ weights':>10s} {'(peak-base)/w':>14s}"
-        print(f"{head} {'seconds':>8s}")
+        print(f"{head} {'(peak-runtime)/w':>17s} {'seconds':>8s}")
         for name, peak, seconds in rows:
-            above = (peak - base) / weights
-            cols = f"{peak / 2**30:12.2f} {peak / weights:10.2f} {above:14.2f}"
+            above, work = (peak - base) / weights, (peak - runtime) / weights
+            cols = f"{peak / 2**30:12.2f} {peak / weights:10.2f} {above:14.2f} {work:17.2f}"
             print(f"{name:28s} {cols} {seconds:8.0f}")
     finally:
         if not args.keep:
