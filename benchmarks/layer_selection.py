@@ -25,17 +25,23 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from prunekit import PrunePlan, apply_plan, load_model
-from prunekit.core.calibration import load_calibration
-from prunekit.core.data import wikitext2_test_path
-from prunekit.core.evaluate import perplexity
-from prunekit.core.heal import heal_and_remove
-from prunekit.core.heal_select import select_block_by_heal_residual
-from prunekit.core.models import default_model_dir
-from prunekit.core.select import Targets, plan_for
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from prunekit import PrunePlan, apply_plan, load_model  # noqa: E402
+from prunekit.core.calibration import load_calibration  # noqa: E402
+from prunekit.core.data import wikitext2_test_path  # noqa: E402
+from prunekit.core.evaluate import perplexity  # noqa: E402
+from prunekit.core.heal import heal_and_remove  # noqa: E402
+from prunekit.core.heal_select import select_block_by_heal_residual  # noqa: E402
+from prunekit.core.models import default_model_dir  # noqa: E402
+from prunekit.core.select import Targets, plan_for  # noqa: E402
 
 ROWS = (
     "angular",

@@ -419,3 +419,35 @@ def test_heal_loss_scorer_takes_the_block_size_from_the_target(calib_long):
         prunekit.score(tiny_model("bert"), calib_long, ["heal_loss"], progress=False)
     with pytest.raises(ValueError, match="holdout"):
         prunekit.score(model, calib_long, ["heal_loss"], configs={"heal_loss": {"holdout": 1}})
+
+
+def test_demo_recipe_runs_heal_loss_and_heal_through_compress(tmp_path):
+    """The demo recipe's selection (heal_loss), healing (down_proj refit) and LoRA recovery,
+    scaled down to a tiny Llama: one contiguous block of the target's size goes, the saved
+    model reloads in stock transformers."""
+    import transformers as tf
+    from conftest import brown_text, tiny_tokenizer, wiki_text
+
+    from prunekit.commands.compress import DEMO_RECIPE
+    from prunekit.core.pipeline import compress
+    from prunekit.core.recipe import Recipe
+
+    (tmp_path / "calib.txt").write_text(brown_text()[:40_000], encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(wiki_text()[:3_000], encoding="utf-8")
+    spec = Recipe.from_file(DEMO_RECIPE).to_dict()
+    assert spec["targets"]["layer_scorer"] == "heal_loss"
+    assert spec["heal"]["options"]["fit"] == "down_proj"
+    spec["targets"]["layers"] = 2
+    spec["calibration"].update(source=str(tmp_path / "calib.txt"), n_samples=8, seq_len=32)
+    spec["recovery"].update(minutes=None, steps=2)
+    spec["recovery"]["options"].update(seq_len=32, n_samples=8, eval_every=1, eval_samples=2)
+    spec["evaluation"].update(text=str(tmp_path / "eval.txt"), max_chars=3000, latency=False)
+    model = tiny_model("llama")
+    result = compress(
+        model, Recipe.from_dict(spec), tmp_path / "out", tokenizer=tiny_tokenizer(), progress=False
+    )
+    (plan,) = result.plans
+    first = min(plan.layers)
+    assert sorted(plan.layers) == [first, first + 1] and 1 <= first <= 2
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_hidden_layers == 3
