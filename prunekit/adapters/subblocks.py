@@ -16,6 +16,32 @@ from torch import nn
 from transformers.cache_utils import DummyLayer
 
 
+class SkippedCacheLayer(DummyLayer):
+    """The KV-cache slot of a removed attention: stores nothing. transformers reads the
+    sequence length and mask sizes from one layer (layer 0 by default; 5.25 no longer skips a
+    ``DummyLayer`` there), so anything else it asks is answered by the first layer that
+    caches."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self._cache = cache
+
+    def _first_real(self):
+        return next((x for x in self._cache.layers if not isinstance(x, DummyLayer)), None)
+
+    def get_seq_length(self) -> int:
+        real = self._first_real()
+        return real.get_seq_length() if real is not None else 0
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        real = self._first_real()
+        if real is None:
+            raise AttributeError(name)
+        return getattr(real, name)
+
+
 class RemovedAttention(nn.Module):
     """Attention sub-block removed by a plan's ``attention`` entry: output zero, no cache.
     Keeps ``layer_idx`` (renumbered with the layers) and the model's ``head_dim``."""
@@ -25,11 +51,13 @@ class RemovedAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
-        cache_layers = getattr(past_key_values, "layers", None)
+    def forward(self, hidden_states, *args, cache=None, past_key_values=None, **kwargs):
+        # transformers >= 5.25 passes the cache as ``cache``, earlier 5.x as ``past_key_values``
+        cache = cache if cache is not None else past_key_values
+        cache_layers = getattr(cache, "layers", None)
         if cache_layers is not None and 0 <= self.layer_idx < len(cache_layers):
-            if type(cache_layers[self.layer_idx]) is not DummyLayer:
-                cache_layers[self.layer_idx] = DummyLayer()
+            if not isinstance(cache_layers[self.layer_idx], DummyLayer):
+                cache_layers[self.layer_idx] = SkippedCacheLayer(cache)
         return hidden_states.new_zeros(hidden_states.shape), None
 
     def extra_repr(self) -> str:
@@ -46,4 +74,4 @@ class RemovedMLP(nn.Module):
         return "removed"
 
 
-__all__ = ["RemovedAttention", "RemovedMLP"]
+__all__ = ["RemovedAttention", "RemovedMLP", "SkippedCacheLayer"]

@@ -61,6 +61,32 @@ def _global_values(config) -> Iterator[None]:
         log.setLevel(level)
 
 
+class SkippedCacheLayer(DummyLayer):
+    """The KV-cache slot of a removed attention: stores nothing. transformers reads the
+    sequence length and mask sizes from one layer (layer 0 by default; 5.25 no longer skips a
+    ``DummyLayer`` there), so anything else it asks is answered by the first layer that
+    caches."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self._cache = cache
+
+    def _first_real(self):
+        return next((x for x in self._cache.layers if not isinstance(x, DummyLayer)), None)
+
+    def get_seq_length(self) -> int:
+        real = self._first_real()
+        return real.get_seq_length() if real is not None else 0
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        real = self._first_real()
+        if real is None:
+            raise AttributeError(name)
+        return getattr(real, name)
+
+
 class SkippedAttention(nn.Module):
     """A removed attention sub-block: adds nothing to the residual stream and keeps no KV cache
     (its cache slot becomes transformers' ``DummyLayer``, which ``get_seq_length`` skips)."""
@@ -69,11 +95,13 @@ class SkippedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs):
-        layers = getattr(past_key_values, "layers", None)
+    def forward(self, hidden_states: torch.Tensor, cache=None, past_key_values=None, **kwargs):
+        # transformers >= 5.25 passes the cache as ``cache``, earlier 5.x as ``past_key_values``
+        cache = cache if cache is not None else past_key_values
+        layers = getattr(cache, "layers", None)
         if layers is not None and self.layer_idx < len(layers):
             if not isinstance(layers[self.layer_idx], DummyLayer):
-                layers[self.layer_idx] = DummyLayer()
+                layers[self.layer_idx] = SkippedCacheLayer(cache)
         return torch.zeros_like(hidden_states), None
 
 
