@@ -459,3 +459,20 @@ def test_cli_and_report_state_the_runtimes(flags, runtimes, tmp_path):
     exported = cli("export", out, "--format", "decilm", "-o", tmp_path / "deci")
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
+
+
+def test_serve_decilm_refuses_a_model_it_cannot_hold_before_loading(tmp_path):
+    from conftest import save_tiny
+
+    from prunekit.core.preflight import check_model_input
+    from prunekit.core.select import Targets
+
+    targets = Targets(mode="per_layer", neurons=0.2, serve="decilm")
+    with pytest.raises(ValueError, match=r"serve='decilm': .*not Llama-family"):
+        check_model_input(save_tiny("qwen2", tmp_path / "qwen2"), targets=targets)
+    with pytest.raises(ValueError, match=r"serve='decilm': .*sliding window"):
+        check_model_input(save_tiny("mistral", tmp_path / "mistral"), targets=targets)
+    assert len(check_model_input(save_tiny("llama", tmp_path / "llama"), targets=targets)) == 5
+    uneven = save_pretrained(apply_plan(tiny_model("llama"), PER_LAYER_PLAN), tmp_path / "uneven")
+    with pytest.raises(ValueError, match="non-uniform query heads"):
+        check_model_input(uneven, targets=targets)

@@ -90,6 +90,7 @@ def check_model_input(
     the targets leave (:func:`prunekit.core.quant_groups.check_planned`)."""
     from prunekit.core.quant_groups import check_planned, shapes_after
     from prunekit.core.select import check_targets
+    from prunekit.core.serve_shapes import check_serve_format
     from prunekit.core.targets import UNITS
     from prunekit.plugins import get_adapter
 
@@ -100,6 +101,7 @@ def check_model_input(
         refuse_quantized_config(config)
     adapter = get_adapter(config)  # an unsupported architecture fails here
     check_seq_len(config, seq_lens or {})
+    check_serve_format(config, getattr(targets, "serve", None))  # e.g. DeciLM: Llama-family
     shapes = adapter.config_shapes(config)
     planned = shapes
     if targets is not None and any(getattr(targets, unit) for unit in UNITS):

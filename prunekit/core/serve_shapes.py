@@ -44,6 +44,19 @@ def serve_targets(targets: Any) -> Any:
     return dataclasses.replace(targets, round_to=round_to)
 
 
+def check_serve_format(config: Any, serve: str | None) -> None:
+    """Refuse, from the config alone, a model the serving format cannot hold at all (DeciLM:
+    a non-Llama-family model, a sliding window, query heads that already differ per layer)."""
+    if not serve:
+        return
+    from prunekit.core.export import decilm_problems
+    from prunekit.core.serving import config_dict
+
+    problems = decilm_problems(config_dict(config))
+    if problems:
+        raise ValueError(f"serve={serve!r}: this model does not fit it: {'; '.join(problems)}")
+
+
 def _head_options(row: torch.Tensor, s: Any, min_heads: int) -> dict[int, tuple[float, list]]:
     """Query heads ``r`` -> (summed score, heads) of the cheapest way to remove ``r`` query
     heads from one layer: whole KV groups or the same count from every group."""
@@ -96,4 +109,4 @@ def serve_heads(rows: list, shapes: list, pool: list[int], k: int, targets: Any)
     return {i: options[i][r][1] for i in pool}
 
 
-__all__ = ["WIDTH_MULTIPLE", "serve_heads", "serve_targets"]
+__all__ = ["WIDTH_MULTIPLE", "check_serve_format", "serve_heads", "serve_targets"]

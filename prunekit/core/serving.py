@@ -69,7 +69,8 @@ def write_remote_code(directory: str | Path) -> bool:
     return wanted
 
 
-def _config_dict(source: Any) -> dict[str, Any]:
+def config_dict(source: Any) -> dict[str, Any]:
+    """A config as a dict, from a dict, a directory / ``config.json`` path or a config object."""
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, Path)):
@@ -90,7 +91,7 @@ def loadable_by(output_dir_or_config: Any) -> list[str]:
     the shapes fit it, and prunekit's own loader."""
     from prunekit.core.export import decilm_problems
 
-    config = _config_dict(output_dir_or_config)
+    config = config_dict(output_dir_or_config)
     model_type = config.get("model_type")
     if config.get("block_configs") is not None:  # a DeciLM / Nemotron-NAS export
         return [VLLM_NATIVE_DECILM, REMOTE_CODE]
@@ -112,4 +113,4 @@ def loadable_by(output_dir_or_config: Any) -> list[str]:
     return [*runtimes, PRUNEKIT]
 
 
-__all__ = ["auto_map", "loadable_by", "write_remote_code"]
+__all__ = ["auto_map", "config_dict", "loadable_by", "write_remote_code"]
