@@ -286,7 +286,8 @@ def stream_apply(
     one file). Tensors keep their dtype unless ``dtype`` casts the floating ones. The config,
     sidecar (``extra`` added) and tokenizer files are written as the in-memory ``apply_plan`` +
     ``save_pretrained`` writes them; the input is never modified (an output inside, above or
-    at the input is refused)."""
+    at the input is refused). Fixes glibc's mmap/trim thresholds for the process, so that
+    each freed tensor goes back to the OS (``tensorfile.return_freed_memory_to_os``)."""
     source = Path(model_dir)
     check_output_dir(out_dir, overwrite, inputs=(source,))
     return_freed_memory_to_os()
