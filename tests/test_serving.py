@@ -427,15 +427,15 @@ def test_serve_decilm_refuses_what_it_cannot_make():
     [
         (["--layers", "1"], [STOCK, "vllm", PRUNEKIT]),
         (
-            ["--mode", "per_layer", "--heads", "0.25", "--neurons", "0.2", "--serve", "decilm"],
+            ["--mode", "per_layer", "--heads", "0.25", "--neurons", "0.2", "--export", "decilm"],
             [REMOTE_CODE, VLLM_DECILM, PRUNEKIT],
         ),
     ],
-    ids=["uniform", "per_layer_serve_decilm"],
+    ids=["uniform", "per_layer_export_decilm"],
 )
 def test_cli_and_report_state_the_runtimes(flags, runtimes, tmp_path):
     """compress prints and reports which runtimes load the result (the sub-block case is in
-    test_subblock); a --serve decilm result exports with `prunekit export`."""
+    test_subblock); --export decilm selects what DeciLM expresses and writes the export."""
     from conftest import brown_text, save_tiny, wiki_text
     from test_pipeline import cli, small_run_flags
 
@@ -449,16 +449,17 @@ def test_cli_and_report_state_the_runtimes(flags, runtimes, tmp_path):
     assert loadable_by(out) == runtimes
     assert f"loads in: {', '.join(runtimes)}" in res.stdout
     assert f"Loads in: {', '.join(runtimes)}" in (out / "report.md").read_text()
-    if "--serve" not in flags:
+    if "--export" not in flags:
+        assert not (tmp_path / "out-decilm").exists()
         return
     sidecar = json.loads((out / "prunekit.json").read_text())
     assert sidecar["recipe"]["targets"]["serve"] == "decilm"
     assert Recipe.from_dict(sidecar["recipe"]).targets.serve == "decilm"
     heads = {s["n_heads"] for s in sidecar["layer_shapes"]}
     assert heads == {6}  # 2 of 8 query heads from every layer, protected ones too
-    exported = cli("export", out, "--format", "decilm", "-o", tmp_path / "deci")
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    assert loadable_by(tmp_path / "deci") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
+    # --export decilm implies --serve decilm and writes OUTPUT-decilm after the model
+    assert f"wrote decilm export to {tmp_path / 'out-decilm'}" in res.stdout
+    assert loadable_by(tmp_path / "out-decilm") == [VLLM_NATIVE_DECILM, REMOTE_CODE]
 
 
 def test_serve_decilm_refuses_a_model_it_cannot_hold_before_loading(tmp_path):

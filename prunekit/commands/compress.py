@@ -137,7 +137,11 @@ def run_compress(args: argparse.Namespace) -> int:
 
     placement = device_overrides(args)  # a bad --device / --dtype fails before anything else
     check_output_dir(args.output, args.overwrite, inputs=(args.model,))
+    if args.export:
+        check_output_dir(_export_dir(args), args.overwrite, inputs=(args.model,))
     recipe = _recipe_from_args(args)
+    if args.export and recipe.targets.serve is None:  # select what the export can express
+        recipe.targets.serve = args.export
     result = compress(
         args.model,
         recipe,
@@ -149,7 +153,15 @@ def run_compress(args: argparse.Namespace) -> int:
         **placement,
     )
     _print_result(result)
+    if args.export:
+        from prunekit.commands.export import write_export
+
+        write_export(result.output_dir, _export_dir(args), args.export, overwrite=args.overwrite)
     return 0
+
+
+def _export_dir(args: argparse.Namespace) -> str:
+    return f"{str(args.output).rstrip('/')}-{args.export}"
 
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-demo.yaml"
@@ -290,6 +302,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.add_argument(
+        "--export",
+        choices=("decilm",),
+        help="also write OUTPUT-decilm, the result in that serving format (prunekit export); "
+        "implies --serve decilm",
+    )
     _resume_flag(p)
     add_allow_pickle(p)
     add_device_args(p, recipe=True)

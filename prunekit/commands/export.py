@@ -27,16 +27,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from prunekit.core.export import export_decilm
     from prunekit.core.io import check_output_dir
-    from prunekit.core.serving import loadable_by
 
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"{args.model} is not a model directory (no config.json)")
     check_output_dir(args.output, args.overwrite, inputs=(args.model,))
-    out = export_decilm(
-        args.model, args.output, overwrite=args.overwrite, require_ffn_mult=args.require_ffn_mult
+    write_export(
+        args.model,
+        args.output,
+        args.format,
+        overwrite=args.overwrite,
+        require_ffn_mult=args.require_ffn_mult,
     )
-    print(f"wrote {args.format} export to {out}")
-    print(f"loadable by: {', '.join(loadable_by(out))}")
     return 0
+
+
+def write_export(
+    model_dir, out, fmt: str, *, overwrite: bool = False, require_ffn_mult: bool = False
+):
+    """Export ``model_dir`` to ``out`` in the serving format ``fmt`` and print where and which
+    runtimes load it (``prunekit export`` and ``compress --export``)."""
+    from prunekit.core.export import export_decilm
+    from prunekit.core.serving import loadable_by
+
+    out = export_decilm(model_dir, out, overwrite=overwrite, require_ffn_mult=require_ffn_mult)
+    print(f"wrote {fmt} export to {out}")
+    print(f"loadable by: {', '.join(loadable_by(out))}")
+    return out
