@@ -222,6 +222,21 @@ def _unit_flags(g) -> None:
     g.add_argument("--mlp-scorer", help="e.g. mlp_influence")
 
 
+def _serving_flags(p, g) -> None:
+    """``--serve`` (a selection constraint, in the targets group) and ``--export``."""
+    g.add_argument(
+        "--serve",
+        choices=("decilm",),
+        help="select only shapes a serving format expresses (decilm: `prunekit export` works)",
+    )
+    p.add_argument(
+        "--export",
+        choices=("decilm",),
+        help="also write OUTPUT-decilm, the result in that serving format (prunekit export); "
+        "implies --serve decilm",
+    )
+
+
 def _resume_flag(p) -> None:
     p.add_argument(
         "--resume",
@@ -246,11 +261,7 @@ def add_parser(sub) -> None:
         choices=("uniform", "per_layer"),
         help="uniform: same shape in every layer (stock loadable); per_layer: free",
     )
-    g.add_argument(
-        "--serve",
-        choices=("decilm",),
-        help="select only shapes a serving format expresses (decilm: `prunekit export` works)",
-    )
+    _serving_flags(p, g)
     _option_flag(
         g,
         "--scorer-opt",
@@ -302,12 +313,6 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--gguf-file", help="GGUF file name inside MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
-    p.add_argument(
-        "--export",
-        choices=("decilm",),
-        help="also write OUTPUT-decilm, the result in that serving format (prunekit export); "
-        "implies --serve decilm",
-    )
     _resume_flag(p)
     add_allow_pickle(p)
     add_device_args(p, recipe=True)
