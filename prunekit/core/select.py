@@ -411,7 +411,6 @@ def check_targets(shapes: list, targets: Targets, scorers: Mapping[str, Any] | N
     return plan
 
 
-
 __all__ = [
     "Targets",
     "adjustments",
