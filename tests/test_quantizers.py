@@ -670,7 +670,8 @@ def texts(tmp_path_factory):
 def check_quantized_output(out, name: str, used: int, res, ppl_ratio: float = 1.25) -> dict:
     """The sidecar, report and metrics of a ``compress --quantize`` output; the quantized
     perplexity within ``ppl_ratio`` of the pruned model's (a random tiny model's perplexity is
-    about its vocabulary, which 4-bit noise barely moves: measured within 5%)."""
+    near its vocabulary size, which 4-bit noise barely moves: measured 0.95x (torchao int4)
+    and 1.01x (gptq) the pruned model's)."""
     sidecar = json.loads((out / "prunekit.json").read_text())
     assert not sidecar.get("failures"), sidecar["failures"]
     quant = sidecar["quantization"]
@@ -722,9 +723,10 @@ def test_compress_refuses_an_explicit_group_size_before_loading(tokenizer, texts
     assert "loading" not in res.stdout and not out.exists()
 
 
+# AWQ runs end to end on the tiny model above; on SmolLM2 GPTQModel's AWQ scale search took
+# 12.5 min on this shared 2-core CPU (GPTQ: 2.3 min, torchao: 1.3 min), beyond a slow test.
 SMOLLM2_E2E = [
     pytest.param("gptq", [], marks=needs_gptqmodel),
-    pytest.param("awq", [], marks=needs_gptqmodel),
     pytest.param("torchao", ["--quant-scheme", "int4_grouped"], marks=needs_torchao),
 ]
 
