@@ -218,7 +218,10 @@ class QuantizeSection(PluginSection):
         default=None, metadata={"help": "quantizer plugin name (awq, gptq, torchao)"}
     )
     bits: int | None = field(default=None, metadata={"help": "weight bits (awq/gptq: 4)"})
-    group_size: int | None = field(default=None, metadata={"help": "group size (128)"})
+    group_size: int | None = field(
+        default=None,
+        metadata={"help": "group size (null: the largest of 128, 64, 32 that fits the model)"},
+    )
     scheme: str | None = field(
         default=None, metadata={"help": "torchao scheme (int8_weight_only, int8_dynamic...)"}
     )
