@@ -1,7 +1,7 @@
 """Dense vs pruned latency of two real model directories, measured side by side in one run.
 
-    python benchmarks/latency.py PRUNED_DIR [--dense DIR] [--rounds 5] [--prompt-len 128]
-                                 [--new-tokens 32] [--best-of 1] [--threads N] [--clock wall]
+    python -P benchmarks/latency.py PRUNED_DIR [--dense DIR] [--rounds 5] [--prompt-len 128]
+                                    [--new-tokens 32] [--best-of 1] [--threads N] [--clock wall]
 
 The same routine as the report's speed rows (:func:`prunekit.core.speed_compare.
 compare_latency`, settings defaulting to the recipe's): both models loaded into one process,
@@ -14,7 +14,10 @@ is 5% or more from 1) beside the analytic FLOP ratio. ``--clock cpu`` times this
 time, which other work on a shared machine does not inflate. ``--dense`` defaults to the
 embedded SmolLM2-135M (the model ``make demo`` compresses), so after ``make demo``::
 
-    python benchmarks/latency.py demo-out
+    python -P benchmarks/latency.py demo-out
+
+(``-P``: without it ``benchmarks/`` comes first on ``sys.path`` and ``benchmarks/kernels.py``
+shadows the ``kernels`` package that transformers imports.)
 """
 
 from __future__ import annotations
