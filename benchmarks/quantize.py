@@ -26,6 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: run
+# without this script's folder on the path (as benchmarks/subblock.py does)
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 
 def weights_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**20
