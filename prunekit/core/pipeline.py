@@ -439,13 +439,15 @@ def _update_sidecar(out: Path, run: _Run) -> None:
 def _evaluate(model, tokenizer, run: _Run) -> dict[str, Any]:
     from prunekit.core.evaluate import evaluate
 
+    kwargs = run.recipe.evaluation.evaluate_kwargs()
+    kwargs["measure_latency"] = False  # timed side by side after the save (core.speed_stage)
     return evaluate(
         model,
         tokenizer,
         text=run.eval_text,
         dense_model=run.dense,
         progress=run.progress,
-        **run.recipe.evaluation.evaluate_kwargs(),
+        **kwargs,
     )
 
 
