@@ -5,8 +5,8 @@ Pruned: 25% of the heads (24 heads over 6 KV groups, whole groups removed) and 3
         MLP neurons (11008 -> 7706), plus the same MLP rounded to the GPU-friendly widths
         7680 (down to a multiple of 128) and 7744 (up to a multiple of 64).
 
-    python benchmarks/kernels.py                      # on a GPU: Triton and torch
-    python benchmarks/kernels.py --small              # on a CPU: ~1 minute, torch only
+    python benchmarks/kernel_layers.py                      # on a GPU: Triton and torch
+    python benchmarks/kernel_layers.py --small              # on a CPU: ~1 minute, torch only
 
 Writes kernels.csv and kernels.png into --out-dir and prints the table.
 """
