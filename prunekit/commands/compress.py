@@ -112,10 +112,13 @@ def _add_scorer_options(recipe, pairs: list[str]) -> None:
 
 def _print_result(result) -> None:
     from prunekit.core.report import result_table
+    from prunekit.core.speed_report import speed_notes
 
     print()
     print(result_table(result.metrics))
     print()
+    for line in speed_notes(result.metrics):
+        print(line)
     for i, plan in enumerate(result.plans):
         print(f"step {i + 1}: removed {plan.summary()}")
     layout = (
