@@ -48,6 +48,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--minutes", default="2,5,10", help="recovery budgets, comma-separated")
     p.add_argument("--methods", default="lora,distill")
     p.add_argument("--remove", type=int, default=6, help="layers to remove (6 of 30 = 20%%)")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="remove these layers (e.g. 13,14,15,16,17,18) instead of "
+        "scoring angular distance (the block it picks with 64x256 calibration windows)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-layers", default="all", choices=("all", "near_removed"))
@@ -103,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return r["perplexity"]
 
     calib = load_calibration(None, tok, n_samples=args.calib_samples, seq_len=args.calib_len)
-    targets = Targets(layers=args.remove, layer_scorer="angular_distance", mode="uniform")
-    layers = sorted(plan_for(copy.deepcopy(dense), calib, targets, progress=False)[0].layers)
+    if args.layers:
+        layers = sorted(int(i) for i in args.layers.split(","))
+    else:
+        targets = Targets(layers=args.remove, layer_scorer="angular_distance", mode="uniform")
+        layers = sorted(plan_for(copy.deepcopy(dense), calib, targets, progress=False)[0].layers)
     ppl_dense = ppl(dense)
     train_ids = load_calibration(
         None, tok, n_samples=args.train_samples + args.eval_samples, seq_len=args.seq_len, seed=1
