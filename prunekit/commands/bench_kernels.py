@@ -58,7 +58,8 @@ def add_timing_arguments(
     p: argparse.ArgumentParser, *, seq_len_help: str, repeats_default: int | None, repeats_help: str
 ) -> None:
     """--seq-len, --batch, --tokens, --repeats, --dtype, --device: the arguments of
-    :func:`prunekit.kernels.bench.bench_layer_shapes`, shared with ``benchmarks/kernel_layers.py``."""
+    :func:`prunekit.kernels.bench.bench_layer_shapes`, shared with
+    ``benchmarks/kernel_layers.py``."""
     p.add_argument("--seq-len", type=int, default=None, help=seq_len_help)
     p.add_argument("--batch", type=int, default=1, help="attention batch size (default 1)")
     p.add_argument("--tokens", type=int, default=None, help="MLP rows (default batch*seq-len)")
