@@ -105,9 +105,7 @@ def coerce_option(value: Any, annotation: Any) -> Any:
     return parsed
 
 
-def build_config(
-    plugin: Any, options: Any = None, *, section: str | None = None
-) -> Any:
+def build_config(plugin: Any, options: Any = None, *, section: str | None = None) -> Any:
     """``plugin.config_class(**options)``, with CLI strings coerced to the field types.
 
     ``options`` may be ``None``, a mapping, or an instance of the config class (returned as
