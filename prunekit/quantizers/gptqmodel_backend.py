@@ -118,10 +118,11 @@ def run_gptqmodel(
     quant_backend: str = "auto",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` with GPTQModel on CPU from a staged directory and reload the result
-    with transformers (:func:`prunekit.core.quantize.staged_quantize`). ``quantize_config``:
-    GPTQModel ``QuantizeConfig`` fields; ``dtype``: the dtype GPTQModel loads and packs in
-    (default: the model's)."""
+    """Quantize ``model`` with GPTQModel from a staged directory, on the model's device (CPU or
+    a CUDA device), and reload the result with transformers
+    (:func:`prunekit.core.quantize.staged_quantize`). ``quantize_config``: GPTQModel
+    ``QuantizeConfig`` fields; ``dtype``: the dtype GPTQModel loads and packs in (default: the
+    model's)."""
     missing = gptqmodel_missing()
     if missing:
         raise QuantizerUnavailableError(
@@ -132,9 +133,11 @@ def run_gptqmodel(
     from gptqmodel.utils.backend import BACKEND
 
     dtype = dtype or next(model.parameters()).dtype
+    where = next(model.parameters()).device
+    device = "cpu" if where.type == "cpu" else f"{where.type}:{where.index or 0}"
 
     def run(src: Path, out: Path) -> None:
-        qc = QuantizeConfig(**quantize_config, offload_to_disk=False, device="cpu")
+        qc = QuantizeConfig(**quantize_config, offload_to_disk=False, device=device)
         qmodel = GPTQModel.load(str(src), qc, dtype=dtype)
         qmodel.quantize(
             calibration_examples(ids),
