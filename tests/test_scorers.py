@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, DECODERS, VOCAB, tiny_model
+from conftest import ARCHS, DECODERS, VOCAB, save_tiny, tiny_model
 
 import prunekit
 from prunekit import Scores, score
@@ -331,8 +331,16 @@ def test_sequential_refuses_whole_model_scorers(samples, tmp_path):
             progress=False,
             configs={"angular_distance": {"token": "all"}},
         )
-    with pytest.raises(ValueError, match="sequential"):
+    # a path is loaded (issue 14: score() takes a model directory like load_model does): a
+    # folder that holds no model says so; a saved model scores as the same model in memory
+    from prunekit.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="config.json"):
         score(tmp_path, samples, ["wanda"], progress=False)
+    save_tiny("llama", tmp_path / "m")
+    by_path = score(tmp_path / "m", samples, ["wanda"], progress=False)
+    in_memory = score(tiny_model("llama"), samples, ["wanda"], progress=False)
+    torch.testing.assert_close(by_path["wanda"], in_memory["wanda"], rtol=1e-5, atol=1e-6)
 
 
 def test_errors_name_the_fix(samples):
@@ -439,7 +447,8 @@ def test_scorers_follow_the_plugin_contract():
         s = get_scorer(name)
         assert isinstance(s, Plugin) and s.available() == (True, "")
         assert s.unit in ("layers", "heads", "neurons", "attention", "mlps")
-    assert [n for n in reg.names() if is_block(reg.get(n))] == ["angular_distance", "heal_residual"]
+    blocks = [n for n in reg.names() if is_block(reg.get(n))]
+    assert blocks == ["angular_distance", "heal_loss", "heal_residual"]
     # a head scorer named for neurons is the counterpart it declares, not a name rule
     assert get_scorer("taylor", "neurons").name == "neuron_taylor"
     assert get_scorer("magnitude", "neurons").name == "neuron_magnitude"
