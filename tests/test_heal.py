@@ -422,9 +422,9 @@ def test_heal_loss_scorer_takes_the_block_size_from_the_target(calib_long):
 
 
 def test_demo_recipe_runs_heal_loss_and_heal_through_compress(tmp_path):
-    """The demo recipe's selection (heal_loss), healing (down_proj refit) and LoRA recovery,
-    scaled down to a tiny Llama: one contiguous block of the target's size goes, the saved
-    model reloads in stock transformers."""
+    """The demo recipe's selection (heal_loss), healing (down_proj refit) and recovery (distill
+    from a teacher cache, LoRA near the removed block), scaled down to a tiny Llama: one contiguous
+    block of the target's size goes, the saved model reloads in stock transformers."""
     import transformers as tf
     from conftest import brown_text, tiny_tokenizer, wiki_text
 
@@ -437,6 +437,7 @@ def test_demo_recipe_runs_heal_loss_and_heal_through_compress(tmp_path):
     spec = Recipe.from_file(DEMO_RECIPE).to_dict()
     assert spec["targets"]["layer_scorer"] == "heal_loss"
     assert spec["heal"]["options"]["fit"] == "down_proj"
+    assert spec["recovery"]["method"] == "distill"
     spec["targets"]["layers"] = 2
     spec["calibration"].update(source=str(tmp_path / "calib.txt"), n_samples=8, seq_len=32)
     spec["recovery"].update(minutes=None, steps=2)
