@@ -15,31 +15,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DummyLayer
 
-
-class SkippedCacheLayer(DummyLayer):
-    """The KV-cache slot of a removed attention: stores nothing. transformers reads the
-    sequence length and mask sizes from one layer (layer 0 by default; 5.25 no longer skips a
-    ``DummyLayer`` there), so anything else it asks is answered by the first layer that
-    caches."""
-
-    def __init__(self, cache):
-        super().__init__()
-        self._cache = cache
-
-    def _first_real(self):
-        return next((x for x in self._cache.layers if not isinstance(x, DummyLayer)), None)
-
-    def get_seq_length(self) -> int:
-        real = self._first_real()
-        return real.get_seq_length() if real is not None else 0
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        real = self._first_real()
-        if real is None:
-            raise AttributeError(name)
-        return getattr(real, name)
+# one class for prunekit's models and the trust_remote_code module shipped with every output
+from prunekit.core.remote_code.modeling_prunekit import SkippedCacheLayer
 
 
 class RemovedAttention(nn.Module):
