@@ -104,6 +104,27 @@ def test_importing_core_loads_no_plugin_package():
     assert loaded == [], f"importing prunekit.core loads plugin packages: {loaded}"
 
 
+def test_checking_a_plan_against_a_config_loads_no_model_code():
+    """Validating a plan from config.json (what ``apply``/``compress`` do before any weight is
+    read) resolves the adapter without importing transformers' model classes: those import
+    ``modeling_utils`` and, through it, every installed quantization backend (torchao prints
+    warnings to stderr on import, and the import alone takes seconds)."""
+    code = (
+        "import json, sys\n"
+        "from transformers import LlamaConfig\n"
+        "from prunekit import PrunePlan, get_adapter\n"
+        "config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,\n"
+        "                     num_key_value_heads=2, intermediate_size=128)\n"
+        "PrunePlan(layers=[1]).validate(get_adapter(config).config_shapes(config))\n"
+        "heavy = ('transformers.modeling_utils', 'torchao', 'gptqmodel')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m in heavy)))\n"
+    )
+    res = run_python(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"checking a plan imports model code: {loaded}"
+
+
 def test_core_never_imports_a_plugin_package():
     """(b) No import statement in prunekit/core, at the top or inside a function, names a
     plugin package; core reaches plugins through prunekit.plugins.get_plugins()."""

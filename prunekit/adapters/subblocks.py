@@ -15,9 +15,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import DummyLayer
 
-# one class for prunekit's models and the trust_remote_code module shipped with every output
-from prunekit.core.remote_code.modeling_prunekit import SkippedCacheLayer
-
 
 class RemovedAttention(nn.Module):
     """Attention sub-block removed by a plan's ``attention`` entry: output zero, no cache.
@@ -34,6 +31,12 @@ class RemovedAttention(nn.Module):
         cache_layers = getattr(cache, "layers", None)
         if cache_layers is not None and 0 <= self.layer_idx < len(cache_layers):
             if not isinstance(cache_layers[self.layer_idx], DummyLayer):
+                # one class for prunekit's models and the trust_remote_code module shipped with
+                # every output; imported here, not at module level, because that module imports
+                # transformers' model classes (modeling_utils, and through it every installed
+                # quantization backend): resolving an adapter or validating a plan must not
+                from prunekit.core.remote_code.modeling_prunekit import SkippedCacheLayer
+
                 cache_layers[self.layer_idx] = SkippedCacheLayer(cache)
         return hidden_states.new_zeros(hidden_states.shape), None
 
@@ -51,4 +54,4 @@ class RemovedMLP(nn.Module):
         return "removed"
 
 
-__all__ = ["RemovedAttention", "RemovedMLP", "SkippedCacheLayer"]
+__all__ = ["RemovedAttention", "RemovedMLP"]
