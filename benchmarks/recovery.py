@@ -6,6 +6,7 @@ budgets, and print WikiText-2 perplexity, steps/s, tokens/s and the gap closed p
     python benchmarks/recovery.py                          # 2, 5, 10 minutes, lora + distill
     python benchmarks/recovery.py --minutes 2 --methods lora --lora-layers near_removed
     python benchmarks/recovery.py --out /tmp/rec           # + loss/LR curves, results.json
+    python benchmarks/recovery.py --methods distill,distill+hidden   # + Minitron hidden loss
 
 Selection: angular distance (Gromov et al. 2024), the contiguous block of 6 layers whose input
 and output are closest, on ``--calib-samples`` x ``--calib-len`` Brown windows (the same
@@ -14,8 +15,11 @@ windows fit the healing maps). Training text: other Brown windows (``--train-sam
 ``--eval-samples`` held out for keep-best; never WikiText-2. Distillation trains against the
 dense model's top-``--topk`` log-probabilities cached once before pruning
 (:class:`prunekit.core.teacher_cache.TeacherCache`, built in ``cache s``); no teacher runs
-during training. Evaluation: WikiText-2 test, first ``--max-chars`` characters,
-``--context-len``-token windows, as ``benchmarks/layer_selection.py``.
+during training; ``distill+hidden`` adds the intermediate-state loss
+(:mod:`prunekit.core.hidden_distill`, ``--alpha-hidden`` x relative error of the
+``--hidden-layers`` outputs, stored in the same cache). Evaluation: WikiText-2 test, first
+``--max-chars`` characters, ``--context-len``-token windows, as
+``benchmarks/layer_selection.py``.
 
 Gap closed per CPU-minute = (ppl_healed − ppl_recovered) / (ppl_healed − ppl_dense) / minutes
 of recovery budget (the cache's one-off cost is printed beside it). ``--clock cpu`` (default)
@@ -59,6 +63,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-layers", default="all", choices=("all", "near_removed"))
     p.add_argument("--temperature", type=float, default=1.0, help="distillation T")
     p.add_argument("--topk", type=int, default=64, help="teacher log-probs cached per token")
+    p.add_argument(
+        "--alpha-hidden",
+        type=float,
+        default=1.0,
+        help="weight of the intermediate-state loss of the 'distill+hidden' rows",
+    )
+    p.add_argument("--hidden-layers", default="all", help="'last', 'all' or original indices")
     p.add_argument("--seq-len", type=int, default=128, help="training tokens per row")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--train-samples", type=int, default=1024, help="Brown training windows")
@@ -135,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     t = recovery_loop.clock()
     cache = None
-    if "distill" in args.methods.split(","):
+    methods = args.methods.split(",")
+    hidden = dict(alpha_hidden=args.alpha_hidden, hidden_layers=args.hidden_layers)
+    if any(m.startswith("distill") for m in methods):
+        stored = hidden if "distill+hidden" in methods else {}
         cache = TeacherCache.build(
-            dense, train_ids, RecoveryConfig(method="distill", minutes=1.0, **base)
+            dense, train_ids, RecoveryConfig(method="distill", minutes=1.0, **base, **stored)
         )
     cache_s = recovery_loop.clock() - t
     healed = heal_and_remove(dense, calib, layers)  # the dense model itself; no copy kept
@@ -151,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for minutes in [float(m) for m in args.minutes.split(",")]:
-        for method in args.methods.split(","):
+        for method in methods:
             student = copy.deepcopy(healed)
-            config = RecoveryConfig(method=method, minutes=minutes, **base)
-            teacher = cache if method == "distill" else None
+            extra = hidden if method == "distill+hidden" else {}
+            name = method.removesuffix("+hidden")
+            config = RecoveryConfig(method=name, minutes=minutes, **base, **extra)
+            teacher = cache if name == "distill" else None
             result = recover(student, train_ids, config, teacher=teacher, progress=False)
             after = ppl(student)
             gap = (ppl_healed - after) / (ppl_healed - ppl_dense)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from prunekit.contracts import build_config
+from prunekit.core.hidden_distill import HiddenDistill, parse_hidden_layers
 from prunekit.core.recovery_loop import Run, train
 from prunekit.core.training import (
     RecoveryResult,
@@ -109,6 +110,20 @@ class RecoveryConfig:
     temperature: float = field(default=2.0, metadata=_help("distillation temperature T"))
     alpha_kl: float = field(default=1.0, metadata=_help("weight of the KL term (distill)"))
     alpha_lm: float = field(default=0.0, metadata=_help("weight of the LM loss (distill)"))
+    alpha_hidden: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of the intermediate-state loss (distill, Minitron): relative squared "
+            "error between student and teacher decoder-layer outputs; 0: off"
+        ),
+    )
+    hidden_layers: str = field(
+        default="last",
+        metadata=_help(
+            "layers of that loss: 'last', 'all' (every layer both have), or original "
+            "layer indices '11,17,23'"
+        ),
+    )
     distill_topk: int = field(
         default=64,
         metadata=_help(
@@ -178,6 +193,9 @@ class RecoveryConfig:
             raise bad("temperature", "a number > 0")
         if self.alpha_kl < 0 or self.alpha_lm < 0 or self.alpha_kl + self.alpha_lm == 0:
             raise bad("alpha_kl", "alpha_kl and alpha_lm must be >= 0 and not both 0")
+        if not isinstance(self.alpha_hidden, (int, float)) or self.alpha_hidden < 0:
+            raise bad("alpha_hidden", "a number >= 0 (0: no intermediate-state loss)")
+        parse_hidden_layers(self.hidden_layers)
         if not isinstance(self.distill_topk, int) or self.distill_topk < 0:
             raise bad("distill_topk", "an integer >= 0 (0: a dense teacher copy in memory)")
         if self.distill_base not in ("lora", "full"):
@@ -304,6 +322,7 @@ def recover(
     if cached:
         teacher.check(train_rows, eval_rows, config)
 
+    hidden = HiddenDistill.build(model, teacher, config) if teacher is not None else None
     was_training = model.training
     teacher_training = teacher.training if teacher is not None and not cached else False
     if teacher is not None and not cached:
@@ -313,7 +332,7 @@ def recover(
         torch.manual_seed(config.seed)
         session = method.prepare(model, config)
         try:
-            run = Run(session, method, teacher, config)
+            run = Run(session, method, teacher, config, hidden)
             result = train(run, train_rows, eval_rows, progress)
         finally:
             session.finish()

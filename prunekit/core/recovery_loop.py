@@ -37,25 +37,42 @@ clock = time.perf_counter
 class Run:
     """What one training run computes losses with. ``teacher``: ``None``, the dense model
     (one no-grad forward per batch), or a teacher cache (anything with
-    ``lookup(split, index, device)``, e.g. :class:`prunekit.core.teacher_cache.TeacherCache`)."""
+    ``lookup(split, index, device)``, e.g. :class:`prunekit.core.teacher_cache.TeacherCache`).
+    ``hidden``: the intermediate-state pairs
+    (:class:`~prunekit.core.hidden_distill.HiddenDistill`) when ``config.alpha_hidden`` > 0:
+    their loss, weighted by it, is added to the method's objective."""
 
     session: TrainingSession
     method: Any
     teacher: Any
     config: Any
+    hidden: Any = None
 
-    def teacher_out(self, batch: torch.Tensor, split: str, index: torch.Tensor) -> Any:
+    def teacher_out(
+        self, batch: torch.Tensor, split: str, index: torch.Tensor
+    ) -> tuple[Any, dict[int, torch.Tensor]]:
+        """The teacher's output for the method's objective, and its hidden states of the
+        paired layers keyed by original layer index (empty without ``hidden``)."""
         if self.teacher is None:
-            return None
+            return None, {}
         if isinstance(self.teacher, nn.Module):
+            batch = batch.to(device_of(self.teacher))
             with torch.no_grad():
-                return forward_logits(self.teacher, batch.to(device_of(self.teacher)))
-        return self.teacher.lookup(split, index, batch.device)
+                if self.hidden is None:
+                    return forward_logits(self.teacher, batch), {}
+                return self.hidden.teacher_forward(self.teacher, batch, forward_logits)
+        target = self.teacher.lookup(split, index, batch.device)
+        return target, getattr(target, "hidden", None) or {}
 
     def loss(self, batch: torch.Tensor, split: str, index: torch.Tensor) -> torch.Tensor:
-        target = self.teacher_out(batch, split, index)
-        logits = forward_logits(self.session.module, batch)
-        return self.method.objective(logits, batch, target, self.config)
+        target, teacher_states = self.teacher_out(batch, split, index)
+        if self.hidden is None:
+            logits = forward_logits(self.session.module, batch)
+            return self.method.objective(logits, batch, target, self.config)
+        with self.hidden.student_states() as student_states:
+            logits = forward_logits(self.session.module, batch)
+        loss = self.method.objective(logits, batch, target, self.config)
+        return loss + self.config.alpha_hidden * self.hidden.loss(student_states, teacher_states)
 
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor) -> float:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.core.hidden_distill import capture, layer_origins, teacher_layers
 from prunekit.core.training import (
     LOG_ZERO,
     TeacherTopK,
@@ -46,6 +47,7 @@ from prunekit.core.training import (
 )
 
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+_FP16_MAX = 65504.0
 
 
 class TeacherCache:
@@ -64,6 +66,9 @@ class TeacherCache:
         dtype: torch.dtype,
         *,
         owned: bool,
+        hidden_layers: list[int] | tuple[int, ...] = (),
+        hidden_size: int = 0,
+        hidden_spec: str | None = None,
     ):
         self.directory, self.ids, self.k = Path(directory), ids, k
         self.train_rows, self.eval_rows = train_rows, eval_rows
@@ -74,6 +79,15 @@ class TeacherCache:
         self.logp = np.memmap(self.directory / "logp.bin", _NUMPY[dtype], mode, shape=(n, seq, k))
         self.index = np.memmap(self.directory / "index.bin", np.int32, mode, shape=(n, seq, k))
         self.rest = np.memmap(self.directory / "rest.bin", np.float32, mode, shape=(n, seq))
+        #: original indices of the teacher layers whose outputs are stored (alpha_hidden > 0)
+        self.hidden_layers = list(hidden_layers)
+        self.hidden_spec = hidden_spec
+        self.hidden = {
+            o: np.memmap(
+                self.directory / f"hidden_{o}.bin", np.float16, mode, shape=(n, seq, hidden_size)
+            )
+            for o in self.hidden_layers
+        }
         self._cleanup = (
             weakref.finalize(self, shutil.rmtree, str(self.directory), True) if owned else None
         )
@@ -81,7 +95,8 @@ class TeacherCache:
     @property
     def nbytes(self) -> int:
         """Bytes on disk: ``rows × seq_len × (k·(value bytes + 4) + 4)``."""
-        return self.logp.nbytes + self.index.nbytes + self.rest.nbytes
+        hidden = sum(a.nbytes for a in self.hidden.values())
+        return self.logp.nbytes + self.index.nbytes + self.rest.nbytes + hidden
 
     @classmethod
     @torch.no_grad()
@@ -110,23 +125,44 @@ class TeacherCache:
         Path(directory).mkdir(parents=True, exist_ok=True)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         k = min(int(k or config.distill_topk), vocab)
+        stored = (
+            teacher_layers(config.hidden_layers, layer_origins(teacher))
+            if getattr(config, "alpha_hidden", 0)
+            else []
+        )
         cache = cls(
-            directory, ids, train_rows, eval_rows, k, config.temperature, dtype, owned=owned
+            directory,
+            ids,
+            train_rows,
+            eval_rows,
+            k,
+            config.temperature,
+            dtype,
+            owned=owned,
+            hidden_layers=stored,
+            hidden_size=teacher.get_input_embeddings().weight.shape[1],
+            hidden_spec=config.hidden_layers if stored else None,
         )
         was_training = teacher.training
         teacher.eval()
         rows = torch.cat([train_rows, eval_rows])
+        position = {o: i for i, o in enumerate(layer_origins(teacher))}
         for start in range(0, rows.shape[0], config.batch_size):
             batch = rows[start : start + config.batch_size].to(device_of(teacher))
-            logp = F.log_softmax(forward_logits(teacher, batch).float() / cache.temperature, -1)
+            with capture(teacher, [position[o] for o in stored]) as states:
+                logits = forward_logits(teacher, batch)
+            logp = F.log_softmax(logits.float() / cache.temperature, -1)
             top, index = logp.topk(k, dim=-1)
             rest = logp.scatter(-1, index, LOG_ZERO).logsumexp(-1)
             stop = start + batch.shape[0]
             cache.logp[start:stop] = top.clamp_min(-1e4).cpu().numpy()
             cache.index[start:stop] = index.to(torch.int32).cpu().numpy()
             cache.rest[start:stop] = rest.clamp_min(LOG_ZERO).cpu().numpy()
+            for o in stored:  # fp16: clamped to its range (hidden states rarely come near it)
+                state = states[position[o]].float().clamp(-_FP16_MAX, _FP16_MAX)
+                cache.hidden[o][start:stop] = state.cpu().numpy().astype(np.float16)
         teacher.train(was_training)
-        for array in (cache.logp, cache.index, cache.rest):
+        for array in (cache.logp, cache.index, cache.rest, *cache.hidden.values()):
             array.flush()
         return cache
 
@@ -144,6 +180,13 @@ class TeacherCache:
                 f"the teacher cache holds temperature {self.temperature}, the config asks "
                 f"{config.temperature}; rebuild the cache"
             )
+        if getattr(config, "alpha_hidden", 0) and config.hidden_layers != self.hidden_spec:
+            held = f"those of hidden_layers={self.hidden_spec!r}" if self.hidden_spec else "none"
+            raise ValueError(
+                f"the config asks for hidden-state distillation (alpha_hidden="
+                f"{config.alpha_hidden}, hidden_layers={config.hidden_layers!r}) but the teacher "
+                f"cache holds {held}; build the cache with the same recovery config"
+            )
 
     def lookup(self, split: str, index: torch.Tensor, device: torch.device) -> TeacherTopK:
         """The cached teacher output for rows ``index`` of ``split`` (``train`` / ``eval``)."""
@@ -159,12 +202,13 @@ class TeacherCache:
             index=read(self.index),
             log_rest=read(self.rest),
             temperature=self.temperature,
+            hidden={o: read(array) for o, array in self.hidden.items()},
         )
 
     def close(self) -> None:
         """Remove the files now (when the cache made its own temporary directory)."""
-        for name in ("logp", "index", "rest"):
-            array = getattr(self, name, None)
+        arrays = [getattr(self, n, None) for n in ("logp", "index", "rest")]
+        for array in [*arrays, *getattr(self, "hidden", {}).values()]:
             if isinstance(array, np.memmap) and array._mmap is not None:
                 array._mmap.close()
         if self._cleanup is not None:

@@ -69,12 +69,15 @@ class TeacherTopK:
     (:mod:`prunekit.core.teacher_cache`): per token the ``k`` largest log-probabilities at
     temperature ``temperature`` (``logp``, ``[B, S, k]``), their vocabulary ``index``
     (``[B, S, k]``), and ``log_rest`` (``[B, S]``), the log of the probability left to the
-    other tokens (``-1e30`` when there is none, e.g. ``k`` = vocabulary)."""
+    other tokens (``-1e30`` when there is none, e.g. ``k`` = vocabulary). ``hidden``: the
+    teacher's decoder-layer outputs ``[B, S, hidden]`` by original layer index, when the
+    cache stored them (:mod:`prunekit.core.hidden_distill`)."""
 
     logp: torch.Tensor
     index: torch.Tensor
     log_rest: torch.Tensor
     temperature: float
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 #: stands in for log(0) in the cached "rest" bucket: finite, so gradients stay finite
