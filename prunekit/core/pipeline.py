@@ -39,7 +39,7 @@ from prunekit.core.io import (
     weights_size_mb,
 )
 from prunekit.core.plan import PrunePlan
-from prunekit.core.preflight import check_model_input
+from prunekit.core.preflight import check_model_input, check_quantize_layout
 from prunekit.core.probe import probe_outputs, save_probe
 from prunekit.core.recipe import Recipe
 from prunekit.core.report import write_report
@@ -124,6 +124,7 @@ def preflight(recipe: Recipe, model: Any = None, *, gguf_file: str | None = None
         plugins.heal_config = recipe.heal.config(plugins.healer)
     if recipe.quantize.method is not None:
         plugins.quantizer = registries.quantizers.get(recipe.quantize.method)
+        check_quantize_layout(t, recipe.quantize.method)  # before "install the backend"
         check_available(plugins.quantizer, "quantizer")
         plugins.quantize_config = recipe.quantize.config(plugins.quantizer)
     if model is not None:

@@ -111,4 +111,28 @@ def check_model_input(
     return shapes
 
 
-__all__ = ["check_model_input", "check_seq_len", "model_config", "refuse_quantized_config"]
+def check_quantize_layout(targets: Any, quantizer: str) -> None:
+    """Refuse, from the recipe alone, targets whose result has per-layer shapes together with
+    a quantizer: the backends (and stock ``from_pretrained``) load only uniform layers, so the
+    run would fail at its last stage, after scoring, pruning and recovery."""
+    why = []
+    if targets.mode == "per_layer" and (targets.heads or targets.neurons):
+        why.append("mode per_layer removes a different number of heads/neurons per layer")
+    if targets.attention or targets.mlps:
+        why.append("removing attention/MLP sub-blocks leaves layers without them")
+    if why:
+        raise ValueError(
+            f"quantize {quantizer!r}: {'; '.join(why)}, and the quantization backends load only "
+            "models whose layers all have one shape. Use mode uniform (and layers instead of "
+            "sub-blocks) to quantize in the same run, or drop the quantizer and keep the "
+            "per-layer model unquantized"
+        )
+
+
+__all__ = [
+    "check_model_input",
+    "check_quantize_layout",
+    "check_seq_len",
+    "model_config",
+    "refuse_quantized_config",
+]
