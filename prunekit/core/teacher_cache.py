@@ -14,9 +14,10 @@ Disk (memory-mapped, in a temporary directory removed with the cache): per token
 log-probabilities (fp16, 2 bytes) + ``k`` indices (int32, 4 bytes) + the rest (fp32, 4 bytes):
 ``rows × seq_len × (6·k + 4)`` bytes — 256 rows × 256 tokens × k=64: 25.4 MB, against
 ``rows × seq_len × vocab × 4`` bytes (12.9 GB for SmolLM2's 49,152-token vocabulary) for full
-logits. Top-64 keeps nearly all of a language model's probability mass per token; what is left
-is distilled as one bucket, so the loss is the KL over ``k + 1`` buckets (exact when
-``k`` = vocabulary)::
+logits. Top-64 keeps nearly all of a language model's probability mass per token; what is
+left is distilled as one bucket, so the loss is the KL over ``k + 1`` buckets (exact when
+``k`` = vocabulary). With ``alpha_hidden > 0`` the outputs of the ``hidden_layers`` are stored
+too (fp16, ``rows × seq_len × hidden × 2`` bytes each; :mod:`prunekit.core.hidden_distill`)::
 
     cache = TeacherCache.build(dense, train_ids, config)      # before pruning
     apply_plan(dense, plan)                                   # the same model, now the student
@@ -94,7 +95,8 @@ class TeacherCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk: ``rows × seq_len × (k·(value bytes + 4) + 4)``."""
+        """Bytes on disk: ``rows × seq_len × (k·(value bytes + 4) + 4)``, plus
+        ``rows × seq_len × hidden × 2`` per stored hidden layer (``alpha_hidden > 0``)."""
         hidden = sum(a.nbytes for a in self.hidden.values())
         return self.logp.nbytes + self.index.nbytes + self.rest.nbytes + hidden
 
