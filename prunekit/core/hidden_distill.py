@@ -137,18 +137,16 @@ class HiddenDistill:
         if not getattr(config, "alpha_hidden", 0):
             return None
         s_origin = layer_origins(student)
-        if isinstance(teacher, nn.Module):
-            t_origin = layer_origins(teacher)
-            stored = teacher_layers(config.hidden_layers, t_origin)
-        else:
-            stored = list(getattr(teacher, "hidden_layers", []))
-            t_origin = stored
+        if isinstance(teacher, nn.Module):  # positions of the teacher layers, by original index
+            position = {o: i for i, o in enumerate(layer_origins(teacher))}
+            stored = teacher_layers(config.hidden_layers, list(position))
+        else:  # a cache: states looked up by original index
+            position, stored = {}, list(getattr(teacher, "hidden_layers", []))
             if not stored:
                 raise ValueError(
                     "alpha_hidden > 0 but the teacher cache holds no hidden states; build it "
                     "with the same recovery config (alpha_hidden > 0)"
                 )
-        position = {o: i for i, o in enumerate(t_origin)} if isinstance(teacher, nn.Module) else {}
         if parse_hidden_layers(config.hidden_layers) == "last":
             last = stored[-1]
             return cls(student, [(last, position.get(last), len(s_origin) - 1)])

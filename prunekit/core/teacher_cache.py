@@ -127,8 +127,9 @@ class TeacherCache:
         Path(directory).mkdir(parents=True, exist_ok=True)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         k = min(int(k or config.distill_topk), vocab)
+        origin = layer_origins(teacher)
         stored = (
-            teacher_layers(config.hidden_layers, layer_origins(teacher))
+            teacher_layers(config.hidden_layers, origin)
             if getattr(config, "alpha_hidden", 0)
             else []
         )
@@ -148,7 +149,7 @@ class TeacherCache:
         was_training = teacher.training
         teacher.eval()
         rows = torch.cat([train_rows, eval_rows])
-        position = {o: i for i, o in enumerate(layer_origins(teacher))}
+        position = {o: i for i, o in enumerate(origin)}
         for start in range(0, rows.shape[0], config.batch_size):
             batch = rows[start : start + config.batch_size].to(device_of(teacher))
             with capture(teacher, [position[o] for o in stored]) as states:
