@@ -132,3 +132,21 @@ def save_tiny(arch: str, path: Path, seed: int = 0) -> Path:
     from prunekit import save_pretrained
 
     return save_pretrained(tiny_model(arch, seed=seed), path, tiny_tokenizer())
+
+
+# ---- recovery tests: a learnable token stream, a fast config, one thread ---------------------
+#: A short repeated token pattern: learnable in a few dozen steps, so "loss went down" means
+#: the loop trains, not noise (2400 tokens -> 100 sequences of 24).
+PATTERN_TEXT = torch.tensor([5, 17, 3, 99, 42, 7, 64, 23, 11, 80, 2, 31]).repeat(200)
+assert int(PATTERN_TEXT.max()) < VOCAB
+FAST_RECOVERY = dict(seq_len=24, batch_size=4, eval_every=10, eval_samples=8, warmup_steps=5)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only spin (8x slower). Use
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

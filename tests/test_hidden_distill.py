@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import FAST_RECOVERY, PATTERN_TEXT, VOCAB, tiny_model
 
 from prunekit import PrunePlan, apply_plan
 from prunekit.core.hidden_distill import (
@@ -21,17 +21,8 @@ from prunekit.core.hidden_distill import (
 from prunekit.core.recovery import RecoveryConfig, recover, split_data
 from prunekit.core.teacher_cache import TeacherCache
 
-PATTERN = torch.tensor([5, 17, 3, 99, 42, 7, 64, 23, 11, 80, 2, 31])
-TEXT = PATTERN.repeat(200)
-FAST = dict(seq_len=24, batch_size=4, eval_every=10, eval_samples=8, warmup_steps=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TEXT, FAST = PATTERN_TEXT, FAST_RECOVERY
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hidden_config(**kwargs) -> RecoveryConfig:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, logits, run_python, tiny_model
+from conftest import FAST_RECOVERY, PATTERN_TEXT, VOCAB, logits, run_python, tiny_model
 
 from prunekit import PrunePlan, apply_plan, get_plugins, load_pretrained, save_pretrained
 from prunekit.core.recovery import (
@@ -35,21 +35,8 @@ from prunekit.recoveries import (
 )
 from prunekit.recoveries import lora as lora_module
 
-# A short repeated token pattern: learnable in a few dozen steps, so "loss went down" means
-# the loop trains, not noise.
-PATTERN = torch.tensor([5, 17, 3, 99, 42, 7, 64, 23, 11, 80, 2, 31])
-TEXT = PATTERN.repeat(200)  # 2400 tokens -> 100 sequences of 24
-assert int(TEXT.max()) < VOCAB
-FAST = dict(seq_len=24, batch_size=4, eval_every=10, eval_samples=8, warmup_steps=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only spin (8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TEXT, FAST = PATTERN_TEXT, FAST_RECOVERY
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pruned(arch: str = "llama", plan: PrunePlan | None = None):
