@@ -76,6 +76,13 @@ def imported_modules(path: Path, root: Path = ROOT) -> Iterator[tuple[int, str]]
                     yield node.lineno, first.value
 
 
+def last_json_line(code: str):
+    """Run ``code`` in a fresh interpreter; the JSON value on its last line of output."""
+    res = run_python(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def within(module: str, packages: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in packages)
 
@@ -98,9 +105,7 @@ def test_importing_core_loads_no_plugin_package():
         "print(json.dumps(sorted(m for m in sys.modules\n"
         "    if any(m == p or m.startswith(p + '.') for p in plugins))))\n"
     )
-    res = run_python(code)
-    assert res.returncode == 0, res.stderr[-3000:]
-    loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    loaded = last_json_line(code)
     assert loaded == [], f"importing prunekit.core loads plugin packages: {loaded}"
 
 
@@ -119,9 +124,7 @@ def test_checking_a_plan_against_a_config_loads_no_model_code():
         "heavy = ('transformers.modeling_utils', 'torchao', 'gptqmodel')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m in heavy)))\n"
     )
-    res = run_python(code)
-    assert res.returncode == 0, res.stderr[-3000:]
-    loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    loaded = last_json_line(code)
     assert loaded == [], f"checking a plan imports model code: {loaded}"
 
 
